@@ -1,0 +1,317 @@
+"""`DistributedModelForCausalLM`: a causal LM whose blocks run on the swarm, with `generate()`.
+
+Embeddings, final norm and head stay here (servers only ever see hidden states). ``generate``
+follows `transformers`' semantics for greedy decoding, sampling (temperature, top-k, top-p,
+repetition penalty, using transformers' own logits processors) and streamers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from swarmshard.aio import LoopThread
+from swarmshard.client.session import RemoteSession, remote_forward
+from swarmshard.core.routing import Candidate, NoRoute, RouteHop, choose_route
+from swarmshard.core.store import Manifest, ModelStore
+from swarmshard.transport.p2p import SwarmNode
+from swarmshard.transport.schemas import ServerRecord
+
+
+class DigestRefused(RuntimeError):
+    """Every server for some blocks announced weights other than the client's model."""
+
+
+@dataclass
+class GenerationStats:
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first, over the time spent producing them."""
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+
+class InferenceSession:
+    """A multi-turn session: servers keep the KV cache, successive ``generate`` calls continue it."""
+
+    def __init__(self, model: "DistributedModelForCausalLM", remote: RemoteSession) -> None:
+        self.model = model
+        self.remote = remote
+        self.pending: torch.Tensor | None = None  # last generated token, not yet sent through the swarm
+
+    @property
+    def position(self) -> int:
+        return self.remote.position
+
+    @property
+    def route(self) -> list[RouteHop]:
+        return self.remote.route
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model._loop.run(self.remote.step(hidden), timeout=self.remote.timeout * len(self.route) + 5)
+
+    def close(self) -> None:
+        self.model._loop.run(self.remote.close(), timeout=10)
+        if self.model._active is self:
+            self.model._active = None
+
+
+class DistributedModelForCausalLM:
+    """Client of a swarm serving one model; see the module docstring."""
+
+    def __init__(self, manifest: Manifest, store: ModelStore, initial_peers: Sequence[str], timeout: float = 30.0):
+        self.manifest = manifest
+        self.store = store
+        self.config = store.load_config(manifest)
+        self.generation_config = store.load_generation_config(manifest)
+        self.tokenizer = store.load_tokenizer(manifest)
+        self.client = store.load_client(manifest)
+        self.timeout = timeout
+        self._loop = LoopThread()
+        try:
+            self.node: SwarmNode = self._loop.run(
+                SwarmNode.create(initial_peers=list(initial_peers), client_mode=True), timeout=60
+            )
+        except BaseException:
+            self._loop.stop()
+            raise
+        self._active: InferenceSession | None = None
+        self.last_stats = GenerationStats()
+        self.banned: set[str] = set()
+        self.last_route: list[RouteHop] = []
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        initial_peers: Sequence[str],
+        home: str | None = None,
+        timeout: float = 30.0,
+    ) -> "DistributedModelForCausalLM":
+        store = ModelStore(home)
+        return cls(store.resolve(model), store, initial_peers, timeout)
+
+    # ---- swarm view ---------------------------------------------------------------------------------
+
+    def servers(self) -> list[ServerRecord]:
+        return self._loop.run(self.node.fetch(self.manifest.model_id), timeout=self.timeout)
+
+    def _trusted(self, records: list[ServerRecord]) -> list[ServerRecord]:
+        """Servers whose announced block digests equal our model's (others are refused)."""
+        digests = self.manifest.block_digests
+        return [
+            r for r in records
+            if r.n_blocks == self.manifest.n_blocks and r.end <= r.n_blocks
+            and r.block_digests == digests[r.start : r.end]
+        ]
+
+    def plan_route(self, need_tokens: int = 0) -> list[RouteHop]:
+        records = self.servers()
+        trusted = self._trusted(records)
+        candidates = [
+            Candidate(r.peer_id, r.start, r.end, r.throughput, r.cache_tokens_left) for r in trusted
+        ]
+        try:
+            return choose_route(candidates, self.manifest.n_blocks, need_tokens, self.banned)
+        except NoRoute as exc:
+            if len(trusted) < len(records):
+                raise DigestRefused(
+                    f"{exc}; {len(records) - len(trusted)} server(s) were refused for announcing "
+                    f"weights that differ from {self.manifest.model_id}'s digests"
+                ) from exc
+            raise
+
+    # ---- sessions -----------------------------------------------------------------------------------
+
+    def open_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
+        route = self.plan_route(need_tokens=max_length * batch_size)
+        self.last_route = route
+        by_peer = {r.peer_id: r for r in self.servers()}
+
+        async def start() -> RemoteSession:
+            for hop in route:
+                if hop.peer_id in by_peer:
+                    await self.node.connect(by_peer[hop.peer_id])
+            remote = RemoteSession(
+                self.node, self.manifest.model_id, route, max_length, batch_size,
+                self.manifest.hidden_size, self.timeout,
+            )
+            await remote.open()
+            return remote
+
+        return InferenceSession(self, self._loop.run(start(), timeout=self.timeout * (len(route) + 1)))
+
+    @contextmanager
+    def inference_session(self, max_length: int, batch_size: int = 1):
+        """``with model.inference_session(max_length=...) as s:`` makes ``generate`` continue ``s``."""
+        session = self.open_session(max_length, batch_size)
+        previous, self._active = self._active, session
+        try:
+            yield session
+        finally:
+            session.close()
+            self._active = previous
+
+    # ---- compute -----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of a stateless forward pass (no session, no cache)."""
+        input_ids = torch.as_tensor(input_ids).long()
+        positions = torch.arange(input_ids.shape[1]).unsqueeze(0).expand(input_ids.shape[0], -1)
+        hidden = self.client.embed(input_ids, positions)
+        route = self.plan_route()
+        hidden = self._loop.run(
+            remote_forward(self.node, self.manifest.model_id, route, hidden, self.timeout),
+            timeout=self.timeout * len(route) + 5,
+        )
+        return self.client.head(hidden)
+
+    __call__ = forward
+
+    @torch.inference_mode()
+    def _logits(self, session: InferenceSession, input_ids: torch.Tensor) -> torch.Tensor:
+        start = session.position
+        positions = torch.arange(start, start + input_ids.shape[1]).unsqueeze(0).expand(input_ids.shape[0], -1)
+        hidden = session.step(self.client.embed(input_ids, positions))
+        return self.client.head(hidden[:, -1:])[:, -1]
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        streamer=None,
+        generation_config=None,
+        session: InferenceSession | None = None,
+        **unsupported,
+    ) -> torch.Tensor:
+        """Like `transformers`' ``generate``: returns ``input_ids`` followed by the new tokens."""
+        from transformers import GenerationConfig
+
+        if unsupported:
+            raise TypeError(f"generate() does not support: {', '.join(sorted(unsupported))}")
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids")
+        input_ids = torch.as_tensor(input_ids).long()
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if attention_mask is not None and not bool(torch.as_tensor(attention_mask).all()):
+            raise ValueError("padded batches (attention_mask with zeros) are not supported: pass equal-length prompts")
+        base = generation_config or self.generation_config or GenerationConfig()
+        config = GenerationConfig.from_dict({**base.to_dict()})
+        overrides = dict(
+            max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(config, key, value)
+        session = session or self._active
+        prior = session.position + (session.pending is not None) if session else 0
+        if config.max_new_tokens is not None:
+            new_tokens = config.max_new_tokens
+        else:
+            new_tokens = (config.max_length or 20) - input_ids.shape[1] - prior
+        if new_tokens < 1:
+            raise ValueError("nothing to generate: max_new_tokens / max_length leave no room for new tokens")
+        processors = self._processors(config)
+        eos = config.eos_token_id
+        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long)
+        pad = config.pad_token_id if config.pad_token_id is not None else (int(eos_ids[0]) if len(eos_ids) else 0)
+
+        own = session is None
+        if own:
+            session = self.open_session(input_ids.shape[1] + new_tokens, batch_size=input_ids.shape[0])
+        stats = GenerationStats()
+        try:
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
+            feed = input_ids if session.pending is None else torch.cat([session.pending, input_ids], dim=1)
+            sequences = input_ids
+            finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            begin = time.perf_counter()
+            for index in range(new_tokens):
+                logits = self._logits(session, feed)
+                scores = processors(sequences, logits)
+                if config.do_sample:
+                    token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                else:
+                    token = scores.argmax(dim=-1)
+                token = torch.where(finished, torch.full_like(token, pad), token)
+                if len(eos_ids):
+                    finished |= torch.isin(token, eos_ids)
+                feed = token.unsqueeze(1)
+                sequences = torch.cat([sequences, feed], dim=1)
+                if streamer is not None:
+                    streamer.put(token.cpu())
+                now = time.perf_counter()
+                if index == 0:
+                    stats.prefill_s = now - begin
+                else:
+                    stats.decode_s += now - begin
+                begin = now
+                stats.new_tokens += 1
+                if bool(finished.all()):
+                    break
+            session.pending = feed
+        finally:
+            if streamer is not None:
+                streamer.end()
+            if own:
+                session.close()
+        self.last_stats = stats
+        return sequences
+
+    @staticmethod
+    def _processors(config):
+        from transformers import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        processors = LogitsProcessorList()
+        if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+        if config.do_sample:
+            if config.temperature is not None and config.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(config.temperature))
+            if config.top_k is not None and config.top_k != 0:
+                processors.append(TopKLogitsWarper(config.top_k))
+            if config.top_p is not None and config.top_p < 1.0:
+                processors.append(TopPLogitsWarper(config.top_p))
+        return processors
+
+    def close(self) -> None:
+        """Stop the client's P2P daemon and loop thread."""
+        if self._active is not None:
+            self._active.close()
+        try:
+            self._loop.run(self.node.shutdown(), timeout=15)
+        finally:
+            self._loop.stop()
+
+    def __enter__(self) -> "DistributedModelForCausalLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,103 @@
+"""Choosing the chain of servers a request takes: a shortest path over block boundaries."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+
+class NoRoute(RuntimeError):
+    """No chain of usable servers covers every block; the message names what is missing."""
+
+    def __init__(self, message: str, missing_blocks: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.missing_blocks = list(missing_blocks)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A server as routing sees it."""
+
+    peer_id: str
+    start: int
+    end: int
+    throughput: float  # decode tokens/s of its whole span
+    cache_tokens_left: int
+    rtt_s: float = 0.001
+
+
+@dataclass(frozen=True)
+class RouteHop:
+    peer_id: str
+    start: int
+    end: int
+
+
+def hop_cost(candidate: Candidate) -> float:
+    """Seconds per decoded token spent on this hop: network round trip plus compute."""
+    return candidate.rtt_s + 1.0 / max(candidate.throughput, 1e-9)
+
+
+def missing_blocks(candidates: Sequence[Candidate], n_blocks: int) -> list[int]:
+    covered = [False] * n_blocks
+    for c in candidates:
+        for b in range(max(c.start, 0), min(c.end, n_blocks)):
+            covered[b] = True
+    return [b for b, ok in enumerate(covered) if not ok]
+
+
+def _ranges(blocks: Sequence[int]) -> str:
+    parts, i = [], 0
+    while i < len(blocks):
+        j = i
+        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
+            j += 1
+        parts.append(f"{blocks[i]}" if i == j else f"{blocks[i]}-{blocks[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def choose_route(
+    candidates: Sequence[Candidate],
+    n_blocks: int,
+    need_tokens: int = 0,
+    banned: Collection[str] = (),
+) -> list[RouteHop]:
+    """Min-latency chain of whole server spans tiling ``[0, n_blocks)`` (Dijkstra on a DAG).
+
+    Servers that are banned or lack ``need_tokens`` of cache are skipped; ties go to fewer hops.
+    """
+    usable = [c for c in candidates if c.peer_id not in banned and c.cache_tokens_left >= need_tokens]
+    gaps = missing_blocks(usable, n_blocks)
+    if gaps:
+        raise NoRoute(f"no usable server holds blocks {_ranges(gaps)} of {n_blocks}", gaps)
+    by_start: dict[int, list[Candidate]] = {}
+    for c in usable:
+        if 0 <= c.start < c.end <= n_blocks:
+            by_start.setdefault(c.start, []).append(c)
+    best: list[tuple[float, int] | None] = [None] * (n_blocks + 1)
+    via: list[Candidate | None] = [None] * (n_blocks + 1)
+    best[0] = (0.0, 0)
+    for boundary in range(n_blocks):  # spans only move forward: boundaries in order are a topological order
+        if best[boundary] is None:
+            continue
+        cost, hops = best[boundary]
+        for c in by_start.get(boundary, []):
+            option = (cost + hop_cost(c), hops + 1)
+            if best[c.end] is None or option < best[c.end]:
+                best[c.end], via[c.end] = option, c
+    if best[n_blocks] is None:
+        reachable = [b for b in range(n_blocks + 1) if best[b] is not None]
+        raise NoRoute(
+            f"servers cover all {n_blocks} blocks but their spans do not chain: "
+            f"no span starts at block {max(reachable)}",
+            [max(reachable)],
+        )
+    route: list[RouteHop] = []
+    boundary = n_blocks
+    while boundary > 0:
+        c = via[boundary]
+        assert c is not None
+        route.append(RouteHop(c.peer_id, c.start, c.end))
+        boundary = c.start
+    return route[::-1]

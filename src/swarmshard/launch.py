@@ -1,0 +1,173 @@
+"""Start a private swarm of real OS processes on this machine (demo, tests, benchmarks).
+
+Each process is `python -m swarmshard.cli …` printing JSON events; we wait for its ``ready`` event,
+and stop every process we started by PID (SIGTERM, then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class LaunchError(RuntimeError):
+    """A swarm process failed to start; carries the tail of its log."""
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    ready: threading.Event = field(default_factory=threading.Event)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def peer_id(self) -> str:
+        return self.info.get("peer_id", "")
+
+    @property
+    def addrs(self) -> list[str]:
+        return self.info.get("addrs", [])
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+def even_spans(n_blocks: int, n_servers: int) -> list[tuple[int, int]]:
+    """Contiguous spans covering ``n_blocks`` as evenly as possible."""
+    if not 1 <= n_servers <= n_blocks:
+        raise ValueError(f"cannot split {n_blocks} blocks over {n_servers} servers")
+    bounds = [round(i * n_blocks / n_servers) for i in range(n_servers + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+class LocalSwarm:
+    """A DHT bootstrap peer plus one server process per span, all on 127.0.0.1."""
+
+    def __init__(
+        self,
+        model: str,
+        spans: list[tuple[int, int]],
+        home: str | None = None,
+        cache_tokens: int = 8192,
+        server_args: list[str] | None = None,
+        log_dir: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.model = model
+        self.spans = spans
+        self.home = home
+        self.cache_tokens = cache_tokens
+        self.server_args = server_args or []
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="swarmshard-logs-"))
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.bootstrap: NodeProcess | None = None
+        self.servers: list[NodeProcess] = []
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return self.bootstrap.addrs if self.bootstrap else []
+
+    def _spawn(self, name: str, args: list[str]) -> NodeProcess:
+        log_path = self.log_dir / f"{name}.log"
+        log = open(log_path, "w")
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "swarmshard.cli", *args],
+            stdout=subprocess.PIPE, stderr=log, env=self.env, text=True, start_new_session=True,
+        )
+        node = NodeProcess(name, popen, log_path)
+
+        def read() -> None:
+            assert popen.stdout is not None
+            for line in popen.stdout:
+                log.write(line)
+                log.flush()
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(event, dict) and event.get("event") == "ready":
+                    node.info = event
+                    node.ready.set()
+            log.close()
+
+        threading.Thread(target=read, name=f"{name}-stdout", daemon=True).start()
+        return node
+
+    def _wait(self, nodes: list[NodeProcess], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for node in nodes:
+            while not node.ready.wait(timeout=0.2):
+                if not node.alive():
+                    raise LaunchError(f"{node.name} exited with {node.popen.returncode}:\n{node.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"{node.name} not ready after {timeout:.0f}s:\n{node.log_tail()}")
+
+    def start_server(self, start: int, end: int, timeout: float = 300.0, extra: list[str] | None = None) -> NodeProcess:
+        node = self._spawn_server(start, end, extra)
+        self._wait([node], timeout)
+        return node
+
+    def _spawn_server(self, start: int, end: int, extra: list[str] | None = None) -> NodeProcess:
+        args = ["serve", "--model", self.model, "--blocks", f"{start}:{end}", "--json-events",
+                "--cache-tokens", str(self.cache_tokens), *self.server_args, *(extra or [])]
+        for addr in self.initial_peers:
+            args += ["--initial-peers", addr]
+        if self.home:
+            args += ["--home", self.home]
+        node = self._spawn(f"server{len(self.servers)}-{start}-{end}", args)
+        self.servers.append(node)
+        return node
+
+    def start(self, timeout: float = 300.0) -> "LocalSwarm":
+        try:
+            self.bootstrap = self._spawn("bootstrap", ["bootstrap", "--json-events"])
+            self._wait([self.bootstrap], timeout)
+            started = [self._spawn_server(s, e) for s, e in self.spans]
+            self._wait(started, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @staticmethod
+    def stop_process(node: NodeProcess, grace: float = 15.0) -> None:
+        """SIGTERM by PID, SIGKILL (to the process group) if it does not exit within ``grace`` s."""
+        if node.alive():
+            try:
+                os.kill(node.pid, signal.SIGTERM)
+                node.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.popen.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        for node in [*self.servers, *([self.bootstrap] if self.bootstrap else [])]:
+            self.stop_process(node)
+
+    def __enter__(self) -> "LocalSwarm":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
