@@ -122,13 +122,20 @@ class LocalSwarm:
                 if time.monotonic() > deadline:
                     raise LaunchError(f"{node.name} not ready after {timeout:.0f}s:\n{node.log_tail()}")
 
-    def start_server(self, start: int, end: int, timeout: float = 300.0, extra: list[str] | None = None) -> NodeProcess:
-        node = self._spawn_server(start, end, extra)
-        self._wait([node], timeout)
-        return node
+    def start_server(self, start: int, end: int, model: str | None = None, extra: list[str] | None = None,
+                     timeout: float = 300.0) -> NodeProcess:
+        """Start one more server (e.g. joining a running swarm) and wait until it is ready."""
+        return self.start_servers([(model or self.model, start, end)], extra, timeout)[0]
 
-    def _spawn_server(self, start: int, end: int, extra: list[str] | None = None) -> NodeProcess:
-        args = ["serve", "--model", self.model, "--blocks", f"{start}:{end}", "--json-events",
+    def start_servers(self, specs: list[tuple[str, int, int]], extra: list[str] | None = None,
+                      timeout: float = 300.0) -> list[NodeProcess]:
+        """Start servers ``(model, start, end)`` concurrently and wait until all are ready."""
+        nodes = [self._spawn_server(model, start, end, extra) for model, start, end in specs]
+        self._wait(nodes, timeout)
+        return nodes
+
+    def _spawn_server(self, model: str, start: int, end: int, extra: list[str] | None = None) -> NodeProcess:
+        args = ["serve", "--model", model, "--blocks", f"{start}:{end}", "--json-events",
                 "--cache-tokens", str(self.cache_tokens), *self.server_args, *(extra or [])]
         for addr in self.initial_peers:
             args += ["--initial-peers", addr]
@@ -139,11 +146,12 @@ class LocalSwarm:
         return node
 
     def start(self, timeout: float = 300.0) -> "LocalSwarm":
+        """Start the bootstrap peer, then one server per span of ``model``."""
         try:
             self.bootstrap = self._spawn("bootstrap", ["bootstrap", "--json-events"])
             self._wait([self.bootstrap], timeout)
-            started = [self._spawn_server(s, e) for s, e in self.spans]
-            self._wait(started, timeout)
+            if self.spans:
+                self.start_servers([(self.model, s, e) for s, e in self.spans], timeout=timeout)
         except BaseException:
             self.stop()
             raise

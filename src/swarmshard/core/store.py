@@ -247,7 +247,7 @@ class ModelStore:
             n_blocks=n_blocks,
             hidden_size=config.hidden_size,
             dtype="float32",
-            layout=asdict(layout),
+            layout=json.loads(json.dumps(asdict(layout))),  # as read back from manifest.json
             block_digests=digests,
             client_digest=tensor_digest(client),
             block_bytes=sizes,

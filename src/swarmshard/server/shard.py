@@ -55,8 +55,11 @@ class SpanBackend:
             cached = cache.get_seq_length()
             if position > cached:
                 raise BadRequest(f"step starts at position {position} but the session holds {cached} tokens")
-            if position < cached:
-                cache.crop(position)  # a replayed or rewritten suffix replaces what was there
+            if position < cached:  # a replayed or rewritten suffix replaces what was there
+                try:
+                    cache.crop(position - cached)
+                except ValueError as exc:  # e.g. sliding-window layers past their window
+                    raise BadRequest(f"cannot rewind this session to position {position}: {exc}") from None
         elif position != 0:
             raise BadRequest("a stateless forward must start at position 0")
         positions = torch.arange(position, position + seq_len).unsqueeze(0).expand(batch, -1)
