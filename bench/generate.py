@@ -1,0 +1,84 @@
+"""Greedy decoding speed: local (one process, transformers) vs swarms of 1, 2 and 3 server processes.
+
+Prints one JSON object per line; all setups run in the same invocation so their ratio holds on a
+noisy machine. Values are medians over ``--repeats`` runs.
+
+    python bench/generate.py [--model smollm2-135m] [--new-tokens 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers.utils import logging  # noqa: E402
+
+from swarmshard.client.model import DistributedModelForCausalLM  # noqa: E402
+from swarmshard.core.store import ModelStore  # noqa: E402
+from swarmshard.demo import TimingStreamer, local_generate, wait_for_route  # noqa: E402
+from swarmshard.launch import LocalSwarm, even_spans  # noqa: E402
+
+PROMPT = "The history of the Roman Empire begins"
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--servers", default="1,2,3", help="comma-separated swarm sizes")
+    args = parser.parse_args()
+    logging.set_verbosity_error()
+
+    store = ModelStore()
+    manifest = store.resolve(args.model, progress=False)
+    tokenizer = store.load_tokenizer(manifest)
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+
+    full = store.load_full_model(manifest)
+    local_speeds, reference = [], None
+    for _ in range(args.repeats + 1):  # first run warms up
+        tokens, speed = local_generate(full, ids, args.new_tokens)
+        local_speeds.append(speed)
+        reference = tokens.tolist()
+    local = statistics.median(local_speeds[1:])
+    emit(name="decode_tokens_per_s", setup="local", value=round(local, 2), unit="tok/s",
+         new_tokens=len(reference), runs=local_speeds[1:])
+    del full
+
+    for n_servers in [int(x) for x in args.servers.split(",")]:
+        spans = even_spans(manifest.n_blocks, n_servers)
+        with LocalSwarm(args.model, spans) as swarm:
+            client = DistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
+            try:
+                wait_for_route(client)
+                speeds, identical = [], True
+                for _ in range(args.repeats + 1):
+                    streamer = TimingStreamer()
+                    out = client.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, streamer=streamer)
+                    speeds.append(streamer.decode_tokens_per_s)
+                    identical &= out[0, ids.shape[1]:].tolist() == reference
+            finally:
+                client.close()
+        swarm_speed = statistics.median(speeds[1:])
+        setup = f"swarm-{n_servers}"
+        emit(name="decode_tokens_per_s", setup=setup, value=round(swarm_speed, 2), unit="tok/s",
+             ratio_vs_local=round(swarm_speed / local, 3), identical=identical, runs=speeds[1:])
+        overhead_ms = (1 / swarm_speed - 1 / local) * 1000 / n_servers
+        emit(name="per_hop_overhead_ms", setup=setup, value=round(overhead_ms, 3), unit="ms/token",
+             hops=n_servers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
