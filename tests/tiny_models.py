@@ -27,10 +27,12 @@ CONFIGS = {
 }
 
 
-def save_tiny_models(root: Path) -> dict[str, Path]:
+def save_tiny_models(root: Path, seed_offset: int = 0, names: list[str] | None = None) -> dict[str, Path]:
     paths = {}
     for name, make in CONFIGS.items():
-        torch.manual_seed(len(name))
+        if names is not None and name not in names:
+            continue
+        torch.manual_seed(len(name) + seed_offset)
         config = make()
         config.eos_token_id = None  # generate exactly max_new_tokens
         model = AutoModelForCausalLM.from_config(config).eval()

@@ -136,11 +136,12 @@ class LocalSwarm:
 
     def _spawn_server(self, model: str, start: int, end: int, extra: list[str] | None = None) -> NodeProcess:
         args = ["serve", "--model", model, "--blocks", f"{start}:{end}", "--json-events",
-                "--cache-tokens", str(self.cache_tokens), *self.server_args, *(extra or [])]
+                "--cache-tokens", str(self.cache_tokens)]
         for addr in self.initial_peers:
             args += ["--initial-peers", addr]
         if self.home:
             args += ["--home", self.home]
+        args += [*self.server_args, *(extra or [])]  # last: a repeated option's last value wins
         node = self._spawn(f"server{len(self.servers)}-{start}-{end}", args)
         self.servers.append(node)
         return node

@@ -7,7 +7,7 @@ import pytest
 from swarmshard.launch import LocalSwarm
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smol_swarm(smollm2, store_home):
     swarm = LocalSwarm("smollm2-135m", [(0, 10), (10, 20), (20, 30)], home=store_home, cache_tokens=4096)
     with swarm:
@@ -16,7 +16,7 @@ def smol_swarm(smollm2, store_home):
         assert not node.alive(), f"{node.name} (pid {node.pid}) survived stop"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smol_client(smol_swarm, store_home):
     from swarmshard.client.model import DistributedModelForCausalLM
     from swarmshard.demo import wait_for_route
@@ -31,6 +31,6 @@ def smol_client(smol_swarm, store_home):
         client.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smol_local(store, smollm2):
     return store.load_full_model(smollm2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -39,5 +41,37 @@ def test_swarm_equals_local(arch_swarm, store, store_home, tiny_model_dirs, name
                                   pad_token_id=0)
         assert out.tolist() == expected.tolist()
         assert [(h.start, h.end) for h in client.last_route] == [(0, 2), (2, 6)]
+    finally:
+        client.close()
+
+
+def test_client_refuses_servers_with_other_weights(arch_swarm, store, store_home, tmp_path_factory, tiny_model_dirs):
+    """A server announcing the same model id with different weights is never routed to."""
+    from swarmshard.client.model import DigestRefused
+    from tests.tiny_models import save_tiny_models
+
+    impostor_root = tmp_path_factory.mktemp("impostor")
+    impostor_home = str(tmp_path_factory.mktemp("impostor-home"))
+    impostor = save_tiny_models(impostor_root, seed_offset=100, names=["tiny-llama"])["tiny-llama"]
+    genuine = str(tiny_model_dirs["tiny-llama"])
+    # Same model id ("tiny-llama"), other weights, a faster one-hop span: tempting, but refused.
+    arch_swarm.start_server(0, 6, model=str(impostor), extra=["--home", impostor_home])
+    local = store.load_full_model(store.resolve(genuine, progress=False))
+    client = DistributedModelForCausalLM.from_pretrained(genuine, initial_peers=arch_swarm.initial_peers,
+                                                         home=store_home)
+    try:
+        end = time.monotonic() + 60
+        while len(client.servers()) < 3:
+            assert time.monotonic() < end, "impostor never announced"
+            time.sleep(0.5)
+        ids = torch.tensor([[3, 14, 15, 92, 65]])
+        out = client.generate(ids, max_new_tokens=6)
+        expected = local.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                  pad_token_id=0)
+        assert out.tolist() == expected.tolist()
+        assert [(h.start, h.end) for h in client.last_route] == [(0, 2), (2, 6)]
+        client.banned.update(r.peer_id for r in client.servers() if (r.start, r.end) == (0, 2))
+        with pytest.raises(DigestRefused, match="differ from tiny-llama's digests"):
+            client.plan_route()
     finally:
         client.close()

@@ -26,6 +26,15 @@ class DigestRefused(RuntimeError):
     """Every server for some blocks announced weights other than the client's model."""
 
 
+def trusted_records(records: list[ServerRecord], block_digests: list[str]) -> list[ServerRecord]:
+    """Servers whose announced block digests equal our model's; the others are refused."""
+    n_blocks = len(block_digests)
+    return [
+        r for r in records
+        if r.n_blocks == n_blocks and r.end <= n_blocks and r.block_digests == block_digests[r.start : r.end]
+    ]
+
+
 @dataclass
 class GenerationStats:
     new_tokens: int = 0
@@ -103,18 +112,9 @@ class DistributedModelForCausalLM:
     def servers(self) -> list[ServerRecord]:
         return self._loop.run(self.node.fetch(self.manifest.model_id), timeout=self.timeout)
 
-    def _trusted(self, records: list[ServerRecord]) -> list[ServerRecord]:
-        """Servers whose announced block digests equal our model's (others are refused)."""
-        digests = self.manifest.block_digests
-        return [
-            r for r in records
-            if r.n_blocks == self.manifest.n_blocks and r.end <= r.n_blocks
-            and r.block_digests == digests[r.start : r.end]
-        ]
-
     def plan_route(self, need_tokens: int = 0) -> list[RouteHop]:
         records = self.servers()
-        trusted = self._trusted(records)
+        trusted = trusted_records(records, self.manifest.block_digests)
         candidates = [
             Candidate(r.peer_id, r.start, r.end, r.throughput, r.cache_tokens_left) for r in trusted
         ]
