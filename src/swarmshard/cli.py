@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,7 +18,22 @@ from rich.table import Table  # noqa: E402
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="swarmshard: run LLMs on a swarm of machines.")
 err = Console(stderr=True)
 
+GRAPH_HELP = "Graph factory MODULE:FUNCTION returning (model, args[, kwargs]), e.g. swarmshard.examples.graphs:unet."
 PEERS_HELP = "Multiaddress of a swarm peer to join through (repeatable), as printed by `serve` or `bootstrap`."
+CODEC_HELP = ("Activation codec of the hidden states sent and asked back: none, fp16, blockwise8 or blockwise4 "
+              "(lossy, 0.27x / 0.14x of float32); servers must accept it.")
+SERVE_CODEC_HELP = ("Activation codec: none, fp16, blockwise8 or blockwise4. Replies use it unless a client asks "
+                    "for another; requests may use it or any smaller codec (none accepts all).")
+QUANT_HELP = "Weights of the served span: none (as stored, float32) or int8 (LLM.int8() with outlier features)."
+
+
+def _wire_codec(value: str) -> str:
+    from swarmshard.transport.codecs import check_codec
+
+    try:
+        return check_codec(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--wire-codec") from None
 
 
 def _quiet_transformers() -> None:
@@ -30,7 +46,7 @@ def _quiet_transformers() -> None:
 @app.command()
 def serve(
     model: str = typer.Option("smollm2-135m", help="Model name or local path (transformers dir or .gguf)."),
-    blocks: str = typer.Option(..., help="Span of blocks to serve, START:END (END exclusive), e.g. 10:20."),
+    blocks: Optional[str] = typer.Option(None, help="Span of blocks to serve, START:END (END exclusive), e.g. 10:20."),
     initial_peers: list[str] = typer.Option([], "--initial-peers", help=PEERS_HELP),
     new_swarm: bool = typer.Option(False, "--new-swarm", help="Start a new swarm (no initial peers)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
@@ -40,16 +56,35 @@ def serve(
     idle_timeout: float = typer.Option(600.0, help="Free a session's cache after this many idle seconds."),
     home: Optional[str] = typer.Option(None, help="Model store directory (default $SWARMSHARD_HOME or ~/.cache/swarmshard)."),
     json_events: bool = typer.Option(False, "--json-events", help="Print machine-readable JSON events."),
+    graph: Optional[str] = typer.Option(None, help=GRAPH_HELP + " Serve a stage of it instead of a span of blocks."),
+    plan: Optional[str] = typer.Option(None, help="Plan file written by `swarmshard plan` (with --graph)."),
+    stage: Optional[int] = typer.Option(None, help="Index of the plan's stage to serve (with --graph)."),
+    quant: str = typer.Option("none", help=QUANT_HELP),
+    wire_codec: str = typer.Option("none", "--wire-codec", help=SERVE_CODEC_HELP),
 ) -> None:
-    """Serve a contiguous span of a model's blocks until SIGINT/SIGTERM."""
+    """Serve a contiguous span of a model's blocks (or one stage of a graph plan) until SIGINT/SIGTERM."""
     from swarmshard.core.shard import parse_span
     from swarmshard.core.store import ModelStore
     from swarmshard.server.node import ServerSettings, serve as run
+    from swarmshard.server.quant import check_quant
+    from swarmshard.transport.codecs import check_codec
 
     _quiet_transformers()
     if not initial_peers and not new_swarm:
         raise typer.BadParameter("give --initial-peers ADDR (join a swarm) or --new-swarm", param_hint="--initial-peers")
+    if graph is not None:  # the stateless kind of shard: a stage of a sliced graph
+        _serve_graph_stage(graph, plan, stage, blocks, ServerSettings(
+            model=graph, start=stage or 0, end=(stage or 0) + 1, initial_peers=list(initial_peers), host=host,
+            port=port, announce_period=announce_period, record_ttl=3 * announce_period, graph=graph, plan=plan,
+            stage=stage,
+        ), run, json_events)
+        return
+    if blocks is None:
+        raise typer.BadParameter("give --blocks START:END (or --graph/--plan/--stage for a graph stage)",
+                                 param_hint="--blocks")
     try:
+        check_quant(quant)
+        check_codec(wire_codec)
         manifest = ModelStore(home).resolve(model, progress=not json_events)
         start, end = parse_span(blocks, manifest.n_blocks)
     except (ValueError, FileNotFoundError) as exc:
@@ -58,9 +93,29 @@ def serve(
     settings = ServerSettings(
         model=model, start=start, end=end, initial_peers=list(initial_peers), host=host, port=port,
         cache_tokens=cache_tokens, announce_period=announce_period, record_ttl=3 * announce_period,
-        idle_timeout=idle_timeout, home=home,
+        idle_timeout=idle_timeout, home=home, quant=quant, wire_codec=wire_codec,
     )
     run(settings, json_events=json_events)
+
+
+def _serve_graph_stage(graph: str, plan: Optional[str], stage: Optional[int], blocks: Optional[str],
+                      settings, run, json_events: bool) -> None:
+    from rich.markup import escape
+
+    from swarmshard.core.factory import FactoryError
+    from swarmshard.core.graph import TraceError
+    from swarmshard.core.graph_plan import PlanFileError, PlanMismatch
+
+    if plan is None or stage is None:
+        raise typer.BadParameter("--graph needs --plan PLAN.json and --stage I", param_hint="--graph")
+    if blocks is not None:
+        raise typer.BadParameter("--blocks selects transformer blocks; a graph stage is chosen with --stage",
+                                 param_hint="--blocks")
+    try:
+        run(settings, json_events=json_events)
+    except (FactoryError, TraceError, PlanFileError, PlanMismatch) as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -75,13 +130,14 @@ def bootstrap(
     run_bootstrap(host, port, json_events)
 
 
-def _open_client(model: str, initial_peers: list[str], home: Optional[str]):
+def _open_client(model: str, initial_peers: list[str], home: Optional[str], wire_codec: str = "none"):
     from swarmshard.client.model import DistributedModelForCausalLM
 
     if not initial_peers:
         raise typer.BadParameter("give at least one --initial-peers ADDR", param_hint="--initial-peers")
     _quiet_transformers()
-    return DistributedModelForCausalLM.from_pretrained(model, initial_peers=initial_peers, home=home)
+    return DistributedModelForCausalLM.from_pretrained(model, initial_peers=initial_peers, home=home,
+                                                       wire_codec=_wire_codec(wire_codec))
 
 
 @app.command()
@@ -95,13 +151,14 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     raw: bool = typer.Option(False, "--raw", help="Do not apply the chat template."),
     home: Optional[str] = typer.Option(None, help="Model store directory."),
+    wire_codec: str = typer.Option("none", "--wire-codec", help=CODEC_HELP),
 ) -> None:
     """Generate a reply through the swarm, streaming tokens."""
     import torch
 
     from swarmshard.demo import TimingStreamer, chat_input_ids, wait_for_route
 
-    client = _open_client(model, initial_peers, home)
+    client = _open_client(model, initial_peers, home, wire_codec)
     try:
         wait_for_route(client, timeout=30)
         tok = client.tokenizer
@@ -128,13 +185,14 @@ def chat(
     max_length: int = typer.Option(2048, help="Session length (prompt + replies) kept on the servers."),
     temperature: float = typer.Option(0.0, help="0 for greedy decoding."),
     home: Optional[str] = typer.Option(None, help="Model store directory."),
+    wire_codec: str = typer.Option("none", "--wire-codec", help=CODEC_HELP),
 ) -> None:
     """Interactive chat through the swarm; the servers keep the conversation's KV cache."""
     import torch
 
     from swarmshard.demo import TimingStreamer, wait_for_route
 
-    client = _open_client(model, initial_peers, home)
+    client = _open_client(model, initial_peers, home, wire_codec)
     tok = client.tokenizer
     messages: list[dict] = []
     try:
@@ -211,11 +269,11 @@ def status(
                           "missing": gaps, "servers": [r.model_dump() for r in records]}))
         return
     table = Table(title=f"{model_id}: {len(records)} server(s)")
-    for column in ("peer", "blocks", "tok/s", "cache left", "version"):
+    for column in ("peer", "blocks", "tok/s", "cache left", "weights", "wire", "version"):
         table.add_column(column)
     for r in sorted(records, key=lambda r: (r.start, r.end)):
         table.add_row(r.peer_id, f"{r.start}:{r.end}", f"{r.throughput:.1f}",
-                      f"{r.cache_tokens_left}/{r.cache_tokens_total}", r.version)
+                      f"{r.cache_tokens_left}/{r.cache_tokens_total}", r.quant, r.wire_codec, r.version)
     Console().print(table)
     if not records:
         Console().print("[red]no servers found[/red]")
@@ -226,6 +284,50 @@ def status(
 
 
 @app.command()
+def plan(
+    graph: str = typer.Option(..., help=GRAPH_HELP),
+    stages: Optional[int] = typer.Option(None, help="Number of stages (default: one per node of --nodes)."),
+    nodes: Optional[str] = typer.Option(None, help="YAML file of nodes (speed, bandwidth, memory); stage i runs on node i."),
+    input_shape: Optional[str] = typer.Option(None, help="Override the factory's example input shape, e.g. 1,3,32,32."),
+    search: bool = typer.Option(False, "--search", help="Also search topological orders (genetic algorithm)."),
+    seed: int = typer.Option(0, help="Seed of --search."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan JSON instead of the table."),
+    out: Optional[str] = typer.Option(None, help="Write the plan JSON here (what `serve --plan` reads)."),
+    picture: Optional[str] = typer.Option(None, help="Draw the graph coloured by stage into this .svg or .png."),
+) -> None:
+    """Slice any traceable model into pipeline stages for a set of nodes (MTPP) and show the plan."""
+    from rich.markup import escape
+
+    from swarmshard.core.factory import FactoryError, parse_shape
+    from swarmshard.core.graph import TraceError
+    from swarmshard.core.graph_plan import PlanMismatch
+    from swarmshard.core.slicing import InfeasiblePlanError
+    from swarmshard.plan_picture import PictureError, write_picture
+    from swarmshard.planning import NodesFileError, load_nodes, make_plan, nodes_for, plan_table
+
+    _quiet_transformers()
+    try:
+        shape = parse_shape(input_shape) if input_shape is not None else None
+        specs, names = nodes_for(stages, load_nodes(nodes) if nodes else None)
+        result = make_plan(graph, specs, names, input_shape=shape, search=search, seed=seed)
+        if out:
+            Path(out).write_text(result.doc.to_json())
+        if picture:
+            write_picture(result.traced.graph, result.doc, picture)
+    except (FactoryError, TraceError, NodesFileError, InfeasiblePlanError, PlanMismatch, PictureError) as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2)
+    if as_json:
+        print(result.doc.to_json())
+        return
+    console = Console(width=max(Console().width, 150))
+    console.print(plan_table(result))
+    for path, what in ((out, "plan"), (picture, "picture")):
+        if path:
+            console.print(f"{what} written to {escape(path)}")
+
+
+@app.command()
 def demo(
     model: str = typer.Option("smollm2-135m", help="Model name or local path."),
     servers: int = typer.Option(3, help="How many server processes to start."),
@@ -233,12 +335,22 @@ def demo(
     max_new_tokens: int = typer.Option(64, help="Tokens to generate."),
     home: Optional[str] = typer.Option(None, help="Model store directory."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a report."),
+    graph: Optional[str] = typer.Option(None, help=GRAPH_HELP + " Demo a sliced graph instead of chat."),
+    stages: int = typer.Option(3, help="Stages (server processes) for --graph."),
+    input_shape: Optional[str] = typer.Option(None, help="Example input shape for --graph, e.g. 1,3,32,32."),
+    wire_codec: str = typer.Option("none", "--wire-codec", help=CODEC_HELP),
+    quant: str = typer.Option("none", help=QUANT_HELP),
+    replicas: int = typer.Option(1, min=1, help="Servers per span (failover needs 2)."),
+    kill_after: Optional[int] = typer.Option(None, min=1, help="Kill one serving process after N tokens."),
 ) -> None:
     """Start a private swarm here, chat through it, compare with local generation, stop it."""
     from swarmshard.demo import run_demo
 
     _quiet_transformers()
     console = Console()
+    if graph is not None:
+        _graph_demo(graph, stages, input_shape, as_json, console)
+        return
 
     def on_event(kind: str, payload) -> None:
         if as_json:
@@ -253,7 +365,14 @@ def demo(
             print()
             console.print("swarm stopped; computing the same reply locally in one process…")
 
-    report = run_demo(model, servers, prompt, max_new_tokens, home, on_event)
+    from swarmshard.server.quant import check_quant
+
+    try:
+        check_quant(quant)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--quant") from None
+    report = run_demo(model, servers, prompt, max_new_tokens, home, on_event,
+                      wire_codec=_wire_codec(wire_codec), quant=quant, replicas=replicas, kill_after=kill_after)
     if as_json:
         print(json.dumps(report))
         return
@@ -265,8 +384,50 @@ def demo(
     console.print(table)
     console.print(f"swarm: {report['new_tokens']} tokens, {report['tokens_per_s']} tok/s")
     console.print(f"local: {report['reference_tokens_per_s']} tok/s; reply: {report['reference_text']!r}")
+    if report.get("killed"):
+        console.print(f"killed {report['killed']} after {kill_after} tokens; recovered in {report['recovery_s']} s")
+    lossy = wire_codec != "none" or quant != "none"
     console.print("[green]identical to local greedy output[/green]" if report["identical"]
-                  else "[red]differs from local greedy output[/red]")
+                  else "[yellow]differs from local float32 greedy output (expected with a lossy wire codec or "
+                       "int8 weights)[/yellow]" if lossy else "[red]differs from local greedy output[/red]")
+
+
+def _graph_demo(graph: str, stages: int, input_shape: Optional[str], as_json: bool, console: Console) -> None:
+    from rich.markup import escape
+
+    from swarmshard.core.factory import FactoryError, parse_shape
+    from swarmshard.core.graph import TraceError
+    from swarmshard.core.slicing import InfeasiblePlanError
+    from swarmshard.graph_demo import run_graph_demo
+
+    def on_event(kind: str, payload: dict) -> None:
+        if as_json:
+            return
+        if kind == "plan":
+            console.print(f"planned {payload['graph_id']}: ops per stage {payload['stages']}; starting servers…")
+        elif kind == "swarm":
+            console.print(f"{len(payload['servers'])} stage servers ready")
+
+    try:
+        shape = parse_shape(input_shape) if input_shape is not None else None
+        report = run_graph_demo(graph, stages, shape, on_event=on_event)
+    except (FactoryError, TraceError, InfeasiblePlanError) as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2)
+    if as_json:
+        print(json.dumps(report))
+        return
+    table = Table(title=f"{report['graph']} on {len(report['route'])} stage servers ({report['graph_id']})")
+    for column in ("stage", "peer", "ops", "ms"):
+        table.add_column(column)
+    for hop in report["route"]:
+        table.add_row(str(hop["stage"]), hop["peer"], str(report["stages"][hop["stage"]]["ops"]), f"{hop['ms']:.2f}")
+    console.print(table)
+    t = report["timings"]
+    console.print(f"swarm forward {t['swarm_forward_ms']:.1f} ms, local {t['local_forward_ms']:.2f} ms; "
+                  f"max abs error vs local: {report['max_abs_error']:.3g}")
+    console.print("[green]matches the local model[/green]" if report["within_1e-4"]
+                  else "[red]differs from the local model[/red]")
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -84,21 +86,33 @@ def run_demo(
     max_new_tokens: int = 64,
     home: str | None = None,
     on_event=None,
+    wire_codec: str = "none",
+    quant: str = "none",
+    replicas: int = 1,
+    kill_after: int | None = None,
 ) -> dict:
-    """Start the swarm, generate through it, compare with local, stop everything; returns the report."""
+    """Start the swarm, generate through it, compare with local, stop everything; returns the report.
+
+    ``wire_codec`` (the client's activation codec) and ``quant`` (the servers' weights) are lossy
+    when not "none": the reply may then differ from the local float32 one.
+    """
     emit = on_event or (lambda kind, payload: None)
     store = ModelStore(home)
     manifest = store.resolve(model)
-    spans = even_spans(manifest.n_blocks, servers)
+    spans = even_spans(manifest.n_blocks, servers) * replicas
     emit("starting", {"spans": spans})
-    with LocalSwarm(model, spans, home=home) as swarm:
+    with LocalSwarm(model, spans, home=home, server_args=["--quant", quant]) as swarm:
         emit("swarm", {"servers": [(s.info.get("start"), s.info.get("end"), s.peer_id) for s in swarm.servers]})
-        client = DistributedModelForCausalLM.from_pretrained(model, initial_peers=swarm.initial_peers, home=home)
+        client = DistributedModelForCausalLM.from_pretrained(model, initial_peers=swarm.initial_peers, home=home,
+                                                             wire_codec=wire_codec)
         try:
             wait_for_route(client)
             input_ids = chat_input_ids(client.tokenizer, prompt)
-            streamer = TimingStreamer(on_token=lambda t: emit("token", client.tokenizer.decode(t[0])))
-            out = client.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
+            killer = TokenKiller(swarm, kill_after)
+            streamer = TimingStreamer(on_token=lambda t: (emit("token", client.tokenizer.decode(t[0])), killer.tick()))
+            with client.inference_session(max_length=input_ids.shape[1] + max_new_tokens) as session:
+                killer.session = session
+                out = client.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
             swarm_tokens = out[0, input_ids.shape[1]:]
             swarm_speed = streamer.decode_tokens_per_s
             route = client.last_route
@@ -118,4 +132,37 @@ def run_demo(
         "new_tokens": int(swarm_tokens.numel()),
         "tokens_per_s": round(swarm_speed, 2),
         "reference_tokens_per_s": round(reference_speed, 2),
+        "wire_codec": wire_codec,
+        "quant": quant,
+        **killer.report(streamer.times),
     }
+
+
+class TokenKiller:
+    """Kills the server of the route's middle hop after ``after`` tokens (the machine dies: SIGKILL)."""
+
+    def __init__(self, swarm: LocalSwarm, after: int | None) -> None:
+        self.swarm = swarm
+        self.after = after
+        self.session = None
+        self.tokens = 0
+        self.killed: str | None = None
+        self.killed_at: float | None = None
+
+    def tick(self) -> None:
+        self.tokens += 1
+        if self.after is None or self.killed or self.tokens != self.after or self.session is None:
+            return
+        route = self.session.route
+        victim = route[len(route) // 2].peer_id
+        node = next(n for n in self.swarm.servers if n.peer_id == victim)
+        os.killpg(node.pid, signal.SIGKILL)
+        node.popen.wait(timeout=10)
+        self.killed, self.killed_at = victim, time.perf_counter()
+
+    def report(self, token_times: list[float]) -> dict:
+        if self.after is None:
+            return {}
+        after_kill = [t for t in token_times if self.killed_at is not None and t > self.killed_at]
+        recovery = after_kill[0] - self.killed_at if after_kill else None
+        return {"killed": self.killed, "recovery_s": None if recovery is None else round(recovery, 3)}

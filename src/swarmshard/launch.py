@@ -146,6 +146,20 @@ class LocalSwarm:
         self.servers.append(node)
         return node
 
+    def start_stage_servers(self, specs: list[tuple[str, str, int]], extra: list[str] | None = None,
+                            timeout: float = 300.0) -> list[NodeProcess]:
+        """Start graph-stage servers ``(factory, plan_path, stage)`` concurrently and wait until all are ready."""
+        nodes = []
+        for graph, plan_path, stage in specs:
+            args = ["serve", "--graph", graph, "--plan", str(plan_path), "--stage", str(stage), "--json-events"]
+            for addr in self.initial_peers:
+                args += ["--initial-peers", addr]
+            args += [*self.server_args, *(extra or [])]
+            nodes.append(self._spawn(f"server{len(self.servers)}-stage{stage}", args))
+            self.servers.append(nodes[-1])
+        self._wait(nodes, timeout)
+        return nodes
+
     def start(self, timeout: float = 300.0) -> "LocalSwarm":
         """Start the bootstrap peer, then one server per span of ``model``."""
         try:
@@ -161,19 +175,30 @@ class LocalSwarm:
     @staticmethod
     def stop_process(node: NodeProcess, grace: float = 15.0) -> None:
         """SIGTERM by PID, SIGKILL (to the process group) if it does not exit within ``grace`` s."""
-        if node.alive():
+        LocalSwarm._stop_all([node], grace)
+
+    @staticmethod
+    def _stop_all(nodes: list[NodeProcess], grace: float) -> None:
+        """SIGTERM every live process first, then wait for each, killing its group past ``grace``."""
+        live = [n for n in nodes if n.alive()]
+        for node in live:
             try:
                 os.kill(node.pid, signal.SIGTERM)
-                node.popen.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
-                node.popen.wait(timeout=10)
             except ProcessLookupError:
                 pass
+        deadline = time.monotonic() + grace
+        for node in live:
+            try:
+                node.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(node.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                node.popen.wait(timeout=10)
 
     def stop(self) -> None:
-        for node in [*self.servers, *([self.bootstrap] if self.bootstrap else [])]:
-            self.stop_process(node)
+        self._stop_all([*self.servers, *([self.bootstrap] if self.bootstrap else [])], grace=15.0)
 
     def __enter__(self) -> "LocalSwarm":
         return self.start()

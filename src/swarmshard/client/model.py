@@ -7,6 +7,7 @@ repetition penalty, using transformers' own logits processors) and streamers.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -15,15 +16,29 @@ from dataclasses import dataclass
 import torch
 
 from swarmshard.aio import LoopThread
-from swarmshard.client.session import RemoteSession, remote_forward
+from swarmshard.client.session import BanList, RemoteSession, remote_forward
 from swarmshard.core.routing import Candidate, NoRoute, RouteHop, choose_route
 from swarmshard.core.store import Manifest, ModelStore
+from swarmshard.transport.codecs import accepted_codecs, check_codec
 from swarmshard.transport.p2p import SwarmNode
 from swarmshard.transport.schemas import ServerRecord
 
 
+ROUTE_LOOKUPS = 3
+ROUTE_RETRY_DELAY = 0.5
+
+
 class DigestRefused(RuntimeError):
     """Every server for some blocks announced weights other than the client's model."""
+
+
+class CodecRefused(NoRoute):
+    """Servers for some blocks exist, but none accepts the client's wire codec."""
+
+
+def codec_records(records: list[ServerRecord], wire_codec: str) -> list[ServerRecord]:
+    """Servers whose ``--wire-codec`` accepts ``wire_codec`` (for what we send and ask back)."""
+    return [r for r in records if wire_codec in accepted_codecs(r.wire_codec)]
 
 
 def trusted_records(records: list[ServerRecord], block_digests: list[str]) -> list[ServerRecord]:
@@ -64,7 +79,8 @@ class InferenceSession:
         return self.remote.route
 
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model._loop.run(self.remote.step(hidden), timeout=self.remote.timeout * len(self.route) + 5)
+        # no outer timeout: every network wait inside has its own, and failover may legitimately take a while
+        return self.model._loop.run(self.remote.step(hidden))
 
     def close(self) -> None:
         self.model._loop.run(self.remote.close(), timeout=10)
@@ -75,7 +91,11 @@ class InferenceSession:
 class DistributedModelForCausalLM:
     """Client of a swarm serving one model; see the module docstring."""
 
-    def __init__(self, manifest: Manifest, store: ModelStore, initial_peers: Sequence[str], timeout: float = 30.0):
+    def __init__(self, manifest: Manifest, store: ModelStore, initial_peers: Sequence[str], timeout: float = 30.0,
+                 wire_codec: str = "none"):
+        # The activation codec of every hidden state we send, and of every reply we ask for
+        # (transport/codecs.py); "none" sends float32 as is and keeps outputs token-identical.
+        self.wire_codec = check_codec(wire_codec)
         self.manifest = manifest
         self.store = store
         self.config = store.load_config(manifest)
@@ -93,8 +113,9 @@ class DistributedModelForCausalLM:
             raise
         self._active: InferenceSession | None = None
         self.last_stats = GenerationStats()
-        self.banned: set[str] = set()
+        self.banned = BanList()
         self.last_route: list[RouteHop] = []
+        self.last_failovers: list = []
 
     @classmethod
     def from_pretrained(
@@ -103,9 +124,11 @@ class DistributedModelForCausalLM:
         initial_peers: Sequence[str],
         home: str | None = None,
         timeout: float = 30.0,
+        wire_codec: str = "none",
     ) -> "DistributedModelForCausalLM":
+        """``wire_codec``: "none" (default), "fp16", "blockwise8" or "blockwise4" (lossy, smaller)."""
         store = ModelStore(home)
-        return cls(store.resolve(model), store, initial_peers, timeout)
+        return cls(store.resolve(model), store, initial_peers, timeout, wire_codec)
 
     # ---- swarm view ---------------------------------------------------------------------------------
 
@@ -113,40 +136,69 @@ class DistributedModelForCausalLM:
         return self._loop.run(self.node.fetch(self.manifest.model_id), timeout=self.timeout)
 
     def plan_route(self, need_tokens: int = 0) -> list[RouteHop]:
-        records = self.servers()
-        trusted = trusted_records(records, self.manifest.block_digests)
-        candidates = [
-            Candidate(r.peer_id, r.start, r.end, r.throughput, r.cache_tokens_left) for r in trusted
-        ]
-        try:
-            return choose_route(candidates, self.manifest.n_blocks, need_tokens, self.banned)
-        except NoRoute as exc:
+        return self._loop.run(self._plan_route(need_tokens), timeout=self.timeout)
+
+    async def _plan_route(self, need_tokens: int = 0, start: int = 0, end: int | None = None,
+                          banned: set[str] | None = None) -> list[RouteHop]:
+        """Route over trusted servers; also tells our daemon where the chosen peers are.
+
+        A DHT lookup can come back short (a peer slow to answer), so a failed routing is retried a
+        few times on fresh lookups before it is reported.
+        """
+        banned = self.banned.active() if banned is None else banned
+        for attempt in range(ROUTE_LOOKUPS):
+            records = await self.node.fetch(self.manifest.model_id)
+            trusted = trusted_records(records, self.manifest.block_digests)
+            usable = codec_records(trusted, self.wire_codec)
+            candidates = [Candidate(r.peer_id, r.start, r.end, r.throughput, r.cache_tokens_left) for r in usable]
+            try:
+                route = choose_route(candidates, self.manifest.n_blocks, need_tokens, banned, start, end)
+                break
+            except NoRoute as exc:
+                if attempt + 1 < ROUTE_LOOKUPS:
+                    await asyncio.sleep(ROUTE_RETRY_DELAY)
+                    continue
+                failure = exc
+        else:
             if len(trusted) < len(records):
                 raise DigestRefused(
-                    f"{exc}; {len(records) - len(trusted)} server(s) were refused for announcing "
+                    f"{failure}; {len(records) - len(trusted)} server(s) were refused for announcing "
                     f"weights that differ from {self.manifest.model_id}'s digests"
-                ) from exc
-            raise
+                ) from failure
+            if len(usable) < len(trusted):
+                caps = sorted({r.wire_codec for r in trusted if r not in usable})
+                raise CodecRefused(
+                    f"{failure}; {len(trusted) - len(usable)} server(s) skipped: they do not accept wire codec "
+                    f"{self.wire_codec!r} (their --wire-codec: {', '.join(caps)}); pick one they accept",
+                    failure.missing_blocks,
+                ) from failure
+            raise failure
+        by_peer = {r.peer_id: r for r in trusted}
+        for hop in route:
+            await self.node.connect(by_peer[hop.peer_id])
+        return route
 
     # ---- sessions -----------------------------------------------------------------------------------
 
     def open_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
-        route = self.plan_route(need_tokens=max_length * batch_size)
-        self.last_route = route
-        by_peer = {r.peer_id: r for r in self.servers()}
+        need = max_length * batch_size
+
+        async def find_route(start: int, end: int, banned: set[str]) -> list[RouteHop]:
+            return await self._plan_route(need, start, end, banned)
 
         async def start() -> RemoteSession:
-            for hop in route:
-                if hop.peer_id in by_peer:
-                    await self.node.connect(by_peer[hop.peer_id])
+            route = await self._plan_route(need)
             remote = RemoteSession(
                 self.node, self.manifest.model_id, route, max_length, batch_size,
-                self.manifest.hidden_size, self.timeout,
+                self.manifest.hidden_size, self.timeout, find_route=find_route, bans=self.banned,
+                wire_codec=self.wire_codec,
             )
             await remote.open()
             return remote
 
-        return InferenceSession(self, self._loop.run(start(), timeout=self.timeout * (len(route) + 1)))
+        remote = self._loop.run(start(), timeout=self.timeout * 4 + 30)
+        self.last_route = remote.route
+        return InferenceSession(self, remote)
 
     @contextmanager
     def inference_session(self, max_length: int, batch_size: int = 1):
@@ -169,7 +221,7 @@ class DistributedModelForCausalLM:
         hidden = self.client.embed(input_ids, positions)
         route = self.plan_route()
         hidden = self._loop.run(
-            remote_forward(self.node, self.manifest.model_id, route, hidden, self.timeout),
+            remote_forward(self.node, self.manifest.model_id, route, hidden, self.timeout, self.wire_codec),
             timeout=self.timeout * len(route) + 5,
         )
         return self.client.head(hidden)
@@ -274,6 +326,8 @@ class DistributedModelForCausalLM:
         finally:
             if streamer is not None:
                 streamer.end()
+            self.last_route = session.route
+            self.last_failovers = list(session.remote.failovers)
             if own:
                 session.close()
         self.last_stats = stats

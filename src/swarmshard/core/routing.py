@@ -38,12 +38,14 @@ def hop_cost(candidate: Candidate) -> float:
     return candidate.rtt_s + 1.0 / max(candidate.throughput, 1e-9)
 
 
-def missing_blocks(candidates: Sequence[Candidate], n_blocks: int) -> list[int]:
+def missing_blocks(candidates: Sequence[Candidate], n_blocks: int, start: int = 0, end: int | None = None) -> list[int]:
+    """Blocks of ``[start, end)`` that no candidate serves."""
+    end = n_blocks if end is None else end
     covered = [False] * n_blocks
     for c in candidates:
         for b in range(max(c.start, 0), min(c.end, n_blocks)):
             covered[b] = True
-    return [b for b, ok in enumerate(covered) if not ok]
+    return [b for b in range(start, end) if not covered[b]]
 
 
 def _ranges(blocks: Sequence[int]) -> str:
@@ -62,23 +64,27 @@ def choose_route(
     n_blocks: int,
     need_tokens: int = 0,
     banned: Collection[str] = (),
+    start: int = 0,
+    end: int | None = None,
 ) -> list[RouteHop]:
-    """Min-latency chain of whole server spans tiling ``[0, n_blocks)`` (Dijkstra on a DAG).
+    """Min-latency chain of whole server spans tiling ``[start, end)`` (default: all blocks).
 
-    Servers that are banned or lack ``need_tokens`` of cache are skipped; ties go to fewer hops.
+    A shortest path on the DAG of block boundaries. Servers that are banned or lack ``need_tokens``
+    of cache are skipped; ties go to fewer hops.
     """
+    end = n_blocks if end is None else end
     usable = [c for c in candidates if c.peer_id not in banned and c.cache_tokens_left >= need_tokens]
-    gaps = missing_blocks(usable, n_blocks)
+    gaps = missing_blocks(usable, n_blocks, start, end)
     if gaps:
         raise NoRoute(f"no usable server holds blocks {_ranges(gaps)} of {n_blocks}", gaps)
     by_start: dict[int, list[Candidate]] = {}
     for c in usable:
-        if 0 <= c.start < c.end <= n_blocks:
+        if start <= c.start < c.end <= end:
             by_start.setdefault(c.start, []).append(c)
     best: list[tuple[float, int] | None] = [None] * (n_blocks + 1)
     via: list[Candidate | None] = [None] * (n_blocks + 1)
-    best[0] = (0.0, 0)
-    for boundary in range(n_blocks):  # spans only move forward: boundaries in order are a topological order
+    best[start] = (0.0, 0)
+    for boundary in range(start, end):  # spans only move forward: boundaries in order are a topological order
         if best[boundary] is None:
             continue
         cost, hops = best[boundary]
@@ -86,16 +92,16 @@ def choose_route(
             option = (cost + hop_cost(c), hops + 1)
             if best[c.end] is None or option < best[c.end]:
                 best[c.end], via[c.end] = option, c
-    if best[n_blocks] is None:
-        reachable = [b for b in range(n_blocks + 1) if best[b] is not None]
+    if best[end] is None:
+        reachable = [b for b in range(start, end + 1) if best[b] is not None]
         raise NoRoute(
-            f"servers cover all {n_blocks} blocks but their spans do not chain: "
+            f"servers cover blocks {start}-{end - 1} but their spans do not chain: "
             f"no span starts at block {max(reachable)}",
             [max(reachable)],
         )
     route: list[RouteHop] = []
-    boundary = n_blocks
-    while boundary > 0:
+    boundary = end
+    while boundary > start:
         c = via[boundary]
         assert c is not None
         route.append(RouteHop(c.peer_id, c.start, c.end))

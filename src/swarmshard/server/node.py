@@ -13,8 +13,11 @@ import torch
 
 from swarmshard import __version__
 from swarmshard.core.store import ModelStore
+from swarmshard.server.batching import StepBatcher
 from swarmshard.server.cache import CacheFull, SessionCache, UnknownSession
 from swarmshard.server.shard import BadRequest, SpanBackend
+from swarmshard.server.stage import StageBackend
+from swarmshard.transport.codecs import accepted_codecs, encode_tensor
 from swarmshard.transport.p2p import SwarmNode
 from swarmshard.transport.schemas import (
     FORWARD_RPC,
@@ -24,8 +27,11 @@ from swarmshard.transport.schemas import (
     OpenSession,
     Reply,
     ServerRecord,
+    StageForward,
     Step,
+    TensorLimits,
     WireError,
+    WireTensor,
     parse_meta,
 )
 
@@ -44,6 +50,14 @@ class ServerSettings:
     record_ttl: float = 30.0
     idle_timeout: float = 600.0
     home: str | None = None
+    quant: str = "none"  # weights of the span: "none" or "int8" (server/quant.py)
+    # Activation codec (transport/codecs.py): replies use it unless a request asks for another,
+    # and requests may use it or any codec with fewer bytes per value; "none" accepts all.
+    wire_codec: str = "none"
+    # a graph stage instead of a span: stage `stage` of plan file `plan` for factory MODULE:FUNCTION `graph`
+    graph: str | None = None
+    plan: str | None = None
+    stage: int | None = None
 
 
 def _error(text: str) -> Message:
@@ -51,15 +65,24 @@ def _error(text: str) -> Message:
 
 
 class ShardServer:
-    """One span of one model, served over the swarm."""
+    """One shard served over the swarm: a span of a model's blocks, or a stage of a graph plan."""
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.store = ModelStore(settings.home)
-        self.manifest = self.store.resolve(settings.model)
-        self.backend = SpanBackend(self.store, self.manifest, settings.start, settings.end)
-        self.sessions = SessionCache(settings.cache_tokens, self.backend.new_cache)
+        self.stage: StageBackend | None = None
+        self.sessions: SessionCache | None = None
+        if settings.graph is not None:  # the stateless kind of shard: no model store, no KV cache
+            self.stage = StageBackend.load(settings.graph, settings.plan or "", settings.stage or 0)
+            self.backend: SpanBackend | StageBackend = self.stage
+        else:
+            self.store = ModelStore(settings.home)
+            self.manifest = self.store.resolve(settings.model)
+            self.backend = SpanBackend(self.store, self.manifest, settings.start, settings.end, settings.quant)
+            self.sessions = SessionCache(settings.cache_tokens, self.backend.new_cache)
+        self.model_id = self.backend.shard.model_id
+        self.accepted_codecs = accepted_codecs(settings.wire_codec)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.batcher = StepBatcher(self.backend, self.executor) if self.sessions is not None else None
         self.throughput = self.backend.measure_throughput()
         self.node: SwarmNode | None = None
         self._addrs: list[str] = []
@@ -69,10 +92,13 @@ class ShardServer:
 
     async def run(self, on_ready=None) -> None:
         s = self.settings
-        self.node = await SwarmNode.create(initial_peers=s.initial_peers, host=s.host, port=s.port)
+        limits = self.stage.limits if self.stage is not None else TensorLimits(codecs=self.accepted_codecs)
+        self.node = await SwarmNode.create(initial_peers=s.initial_peers, host=s.host, port=s.port, limits=limits)
         try:
             await self.node.add_stream_handler(INFERENCE_RPC, self._inference)
             await self.node.add_stream_handler(FORWARD_RPC, self._forward)
+            if self.batcher is not None:
+                self.batcher.start()
             await self._announce()
             if on_ready is not None:
                 on_ready(self.node.peer_id, await self.node.visible_addrs())
@@ -80,18 +106,23 @@ class ShardServer:
                 try:
                     await asyncio.wait_for(self.stopping.wait(), timeout=s.announce_period)
                 except asyncio.TimeoutError:
-                    self.sessions.expire_idle(s.idle_timeout)
+                    if self.sessions is not None:
+                        self.sessions.expire_idle(s.idle_timeout)
                     await self._announce()
         finally:
             try:
-                await asyncio.wait_for(self.node.withdraw(self.manifest.model_id), timeout=5)
+                await asyncio.wait_for(self.node.withdraw(self.model_id), timeout=5)
             except Exception:
                 pass
+            if self.batcher is not None:
+                await self.batcher.stop()
             await self.node.shutdown()
             self.executor.shutdown(wait=False, cancel_futures=True)
 
     def record(self) -> ServerRecord:
         assert self.node is not None
+        if self.stage is not None:
+            return self.stage.record(self.node.peer_id, self.throughput, self._addrs, __version__)
         return ServerRecord(
             peer_id=self.node.peer_id,
             model_id=self.manifest.model_id,
@@ -104,6 +135,8 @@ class ShardServer:
             cache_tokens_total=self.sessions.capacity_tokens,
             addrs=self._addrs,
             version=__version__,
+            quant=self.settings.quant,
+            wire_codec=self.settings.wire_codec,
         )
 
     async def _announce(self) -> None:
@@ -117,6 +150,22 @@ class ShardServer:
 
     # ---- RPC handlers -----------------------------------------------------------------------------
 
+    def _reply_codec(self, requested: str | None) -> str:
+        """The codec replies use: what the request asked for, if this server allows it."""
+        codec = requested or self.settings.wire_codec
+        if codec not in self.accepted_codecs:
+            raise BadRequest(
+                f"reply codec {codec!r} not allowed by this server (--wire-codec {self.settings.wire_codec} "
+                f"allows {', '.join(self.accepted_codecs)})"
+            )
+        return codec
+
+    @staticmethod
+    def _encode(out: torch.Tensor, codec: str) -> WireTensor:
+        # On the event loop: a codec pass is cheap next to the forward, and the compute thread
+        # may already be running the next batch.
+        return encode_tensor(out, codec)
+
     def _check_span(self, model_id: str, start: int, end: int) -> None:
         shard = self.backend.shard
         if model_id != shard.model_id:
@@ -127,14 +176,19 @@ class ShardServer:
     async def _inference(self, messages: AsyncIterator[Message], peer: str) -> AsyncIterator[Message]:
         """One stream = one session: ``open`` first, then ``step`` messages; freed when the stream ends."""
         session = None
+        reply_codec = self.settings.wire_codec
         try:
             async for message in messages:
                 try:
                     if "__wire_error__" in message.meta:
                         raise WireError(message.meta["__wire_error__"])
+                    if self.sessions is None:
+                        raise BadRequest(f"{self.backend.shard} is a stateless graph stage: "
+                                         "it answers stage forwards, not inference sessions")
                     if session is None:
                         request = parse_meta(OpenSession, message.meta)
                         self._check_span(request.model_id, request.start, request.end)
+                        reply_codec = self._reply_codec(request.reply_codec)
                         session = self.sessions.open(request.session_id, request.max_length, request.batch_size, peer)
                         yield Message(meta=Reply(ok=True, cache_tokens_left=self.sessions.tokens_left).model_dump())
                         continue
@@ -149,9 +203,10 @@ class ShardServer:
                             f"positions up to {step.position + hidden.shape[1]} exceed the session's "
                             f"max_length {session.max_length}"
                         )
-                    out = await self._compute(hidden, step.position, session.cache)
+                    out = await self.batcher.submit(hidden, step.position, session.cache)
                     session.position = step.position + hidden.shape[1]
-                    yield Message(meta=Reply(ok=True, step=step.step).model_dump(exclude_none=True), tensors=[out])
+                    wire = self._encode(out, reply_codec)
+                    yield Message(meta=Reply(ok=True, step=step.step).model_dump(exclude_none=True), tensors=[wire])
                 except (WireError, BadRequest, CacheFull, UnknownSession) as exc:
                     yield _error(str(exc))
                 except Exception as exc:  # a bug must not take the server down
@@ -166,17 +221,33 @@ class ShardServer:
             try:
                 if "__wire_error__" in message.meta:
                     raise WireError(message.meta["__wire_error__"])
+                if self.stage is not None:
+                    yield await self._stage_forward(message)
+                    continue
                 request = parse_meta(Forward, message.meta)
                 self._check_span(request.model_id, request.start, request.end)
+                reply_codec = self._reply_codec(request.reply_codec)
                 if len(message.tensors) != 1:
                     raise BadRequest(f"a forward carries exactly one tensor, got {len(message.tensors)}")
                 self.backend.check_hidden(message.tensors[0])
                 out = await self._compute(message.tensors[0], 0, None)
-                yield Message(meta=Reply(ok=True).model_dump(exclude_none=True), tensors=[out])
+                wire = self._encode(out, reply_codec)
+                yield Message(meta=Reply(ok=True).model_dump(exclude_none=True), tensors=[wire])
             except (WireError, BadRequest) as exc:
                 yield _error(str(exc))
             except Exception as exc:
                 yield _error(f"internal error: {type(exc).__name__}: {exc}")
+
+
+    async def _stage_forward(self, message: Message) -> Message:
+        """A graph stage's forward: named values in, named values out, checked against the plan."""
+        assert self.stage is not None
+        request = parse_meta(StageForward, message.meta)
+        self._check_span(request.model_id, request.start, request.end)
+        values = self.stage.inputs(request, message.tensors)
+        loop = asyncio.get_running_loop()
+        outputs = await loop.run_in_executor(self.executor, self.stage.forward, values)
+        return self.stage.reply(outputs)
 
 
 def serve(settings: ServerSettings, json_events: bool = False) -> None:
@@ -185,12 +256,17 @@ def serve(settings: ServerSettings, json_events: bool = False) -> None:
     def ready(peer_id: str, addrs: list[str]) -> None:
         full = [f"{a}/p2p/{peer_id}" if "/p2p/" not in a else a for a in addrs]
         if json_events:
-            print(json.dumps({"event": "ready", "peer_id": peer_id, "addrs": full,
+            print(json.dumps({"event": "ready", "peer_id": peer_id, "addrs": full, "model_id": server.model_id,
                               "start": settings.start, "end": settings.end,
-                              "throughput": server.throughput}), flush=True)
+                              "throughput": server.throughput, "quant": settings.quant,
+                              "wire_codec": settings.wire_codec}), flush=True)
         else:
             print(f"serving {server.backend.shard} as {peer_id}", flush=True)
-            print(f"throughput {server.throughput:.1f} tok/s; others join with:", flush=True)
+            if server.stage is None:
+                print(f"weights: {settings.quant}; wire codec: {settings.wire_codec} "
+                      f"(accepts {', '.join(server.accepted_codecs)})", flush=True)
+            unit = "forwards/s" if server.stage is not None else "tok/s"
+            print(f"throughput {server.throughput:.1f} {unit}; others join with:", flush=True)
             for addr in full:
                 print(f"  --initial-peers {addr}", flush=True)
 

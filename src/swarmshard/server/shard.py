@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from swarmshard.core.layout import trimmed_config
 from swarmshard.core.shard import Shard
 from swarmshard.core.store import Manifest, ModelStore
+from swarmshard.server.quant import quantize_span
 
 
 class BadRequest(ValueError):
@@ -19,11 +20,13 @@ class BadRequest(ValueError):
 class SpanBackend:
     """Executes blocks ``[start, end)`` of a stored model on hidden states."""
 
-    def __init__(self, store: ModelStore, manifest: Manifest, start: int, end: int) -> None:
+    def __init__(self, store: ModelStore, manifest: Manifest, start: int, end: int, quant: str = "none") -> None:
         self.shard = Shard(manifest.model_id, start, end, manifest.n_blocks)
         self.manifest = manifest
         self.config = trimmed_config(store.load_config(manifest), start, end)
         self.module = store.load_span(manifest, start, end)
+        self.quant = quant
+        self.quantized_layers = quantize_span(self.module, quant)  # after the digests were checked
         self.dtype = manifest.torch_dtype
         self.hidden_size = manifest.hidden_size
         self.max_positions = getattr(self.config, "max_position_embeddings", None) or 1_000_000

@@ -22,13 +22,13 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
+from swarmshard.transport.codecs import CODECS_KEY, decode_tensor, encode_tensor, header, parse_headers
 from swarmshard.transport.schemas import (
     Message,
     ServerRecord,
     TensorLimits,
     WireError,
-    tensor_from_wire,
-    tensor_to_wire,
+    WireTensor,
 )
 
 MAX_META_BYTES = 64 * 1024
@@ -38,11 +38,15 @@ StreamHandler = Callable[[AsyncIterator[Message], str], AsyncIterator[Message]]
 
 
 def message_to_proto(message: Message, response: bool) -> runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse:
-    tensors = []
-    for tensor in message.tensors:
-        buffer, shape, dtype = tensor_to_wire(tensor)
-        tensors.append(runtime_pb2.Tensor(buffer=buffer, size=shape, dtype=dtype))
-    meta = json.dumps(message.meta, separators=(",", ":")).encode()
+    """Plain tensors travel as codec ``none``; `WireTensor`s (see transport/codecs.py) as encoded."""
+    if CODECS_KEY in message.meta:
+        raise WireError(f"metadata key {CODECS_KEY!r} is reserved for the transport")
+    wires = [t if isinstance(t, WireTensor) else encode_tensor(t) for t in message.tensors]
+    tensors = [runtime_pb2.Tensor(buffer=w.buffer, size=list(w.shape), dtype=w.dtype) for w in wires]
+    meta = message.meta
+    if any(w.codec != "none" for w in wires):
+        meta = {**meta, CODECS_KEY: [header(w) for w in wires]}
+    meta = json.dumps(meta, separators=(",", ":")).encode()
     cls = runtime_pb2.ExpertResponse if response else runtime_pb2.ExpertRequest
     return cls(tensors=tensors, metadata=meta)
 
@@ -58,12 +62,22 @@ def proto_to_message(proto, limits: TensorLimits) -> Message:
     if not isinstance(meta, dict):
         raise WireError("metadata must be a JSON object")
     if proto.tensors and any(t.compression != runtime_pb2.NONE for t in proto.tensors):
-        raise WireError("compressed tensors are not accepted on this server")
+        raise WireError(f"hivemind-compressed tensors are not accepted (codecs are declared in {CODECS_KEY})")
     total = sum(len(t.buffer) for t in proto.tensors)
     if total > limits.max_bytes:
         raise WireError(f"message carries {total} tensor bytes, limit is {limits.max_bytes}")
-    tensors = [tensor_from_wire(t.buffer, list(t.size), t.dtype, limits) for t in proto.tensors]
-    return Message(meta=meta, tensors=tensors)
+    entries = meta.pop(CODECS_KEY, None)
+    headers = parse_headers(entries, len(proto.tensors)) if entries is not None else None
+    tensors, codecs, decoded = [], [], 0
+    for index, t in enumerate(proto.tensors):
+        codec, block = (headers[index].codec, headers[index].block_size) if headers else ("none", 0)
+        tensor = decode_tensor(WireTensor(t.buffer, tuple(t.size), t.dtype, codec, block), limits)
+        decoded += tensor.numel() * tensor.element_size()
+        if decoded > limits.max_bytes:
+            raise WireError(f"message decodes to over {limits.max_bytes} tensor bytes")
+        tensors.append(tensor)
+        codecs.append(codec)
+    return Message(meta=meta, tensors=tensors, codecs=codecs)
 
 
 @dataclass
@@ -73,6 +87,8 @@ class SwarmNode:
     p2p: P2P
     dht: DHTNode
     limits: TensorLimits
+    bytes_sent: int = 0  # serialized RPC requests sent and replies received by this node's streams
+    bytes_received: int = 0
 
     @classmethod
     async def create(
@@ -209,12 +225,15 @@ class RpcStream:
     async def send(self, message: Message) -> Message:
         if self.closed:
             raise ConnectionError("stream is closed")
-        await self._outbox.put(message_to_proto(message, response=False))
+        request = message_to_proto(message, response=False)
+        self._node.bytes_sent += request.ByteSize()
+        await self._outbox.put(request)
         try:
             proto = await self._replies.__anext__()
         except StopAsyncIteration:
             self.closed = True
             raise ConnectionError(f"peer {self._peer.to_base58()[:12]}… closed the stream") from None
+        self._node.bytes_received += proto.ByteSize()
         return proto_to_message(proto, self._node.limits)
 
     async def close(self) -> None:

@@ -9,20 +9,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
 PROTOCOL_VERSION = 1
 INFERENCE_RPC = "swarmshard.inference"  # stream: open a session, then steps
 FORWARD_RPC = "swarmshard.forward"  # stream: stateless forwards
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
 MAX_TENSOR_DIMS = 4
+# Activation codecs a float tensor may travel in (maths in core/compression, framing in
+# transport/codecs), ordered from most to fewest bytes per value: a server's --wire-codec
+# accepts its own codec and every one after it.
+WIRE_CODECS: tuple[str, ...] = ("none", "fp16", "blockwise8", "blockwise4")
+WireCodec = Literal["none", "fp16", "blockwise8", "blockwise4"]
+QuantMode = Literal["none", "int8"]  # weights of a served span (server/quant.py)
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "int64": torch.int64,
+    # graph stages exchange whatever their boundary values are (masks, indices, sizes)
+    "float64": torch.float64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
 }
 
 
@@ -45,6 +59,7 @@ class OpenSession(_Strict):
     end: int = Field(ge=1)
     max_length: int = Field(ge=1, le=1_000_000)
     batch_size: int = Field(1, ge=1, le=1024)
+    reply_codec: WireCodec | None = None  # codec of the hidden states sent back; None: the server's own
 
 
 class Step(_Strict):
@@ -63,6 +78,55 @@ class Forward(_Strict):
     model_id: str = Field(min_length=1, max_length=200)
     start: int = Field(ge=0)
     end: int = Field(ge=1)
+    reply_codec: WireCodec | None = None  # as in OpenSession
+
+
+STAGE_VALUE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+MAX_STAGE_VALUES = 256
+
+
+class StageValue(_Strict):
+    """One named value of a graph-stage forward and how many of the message's tensors it takes.
+
+    ``tensor`` takes one tensor, ``tuple`` takes ``tensors`` of them in order (e.g. ``topk``'s
+    values and indices), ``scalar`` takes none and travels as JSON in ``scalar`` (e.g. a size).
+    """
+
+    name: str = Field(pattern=STAGE_VALUE_PATTERN)
+    kind: Literal["tensor", "tuple", "scalar"] = "tensor"
+    tensors: int = Field(1, ge=0, le=MAX_STAGE_VALUES)
+    scalar: StrictBool | StrictInt | StrictFloat | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StageValue":
+        if self.kind == "tensor" and self.tensors != 1:
+            raise ValueError(f"value {self.name!r}: a tensor value takes exactly 1 tensor, not {self.tensors}")
+        if self.kind == "scalar" and (self.tensors != 0 or self.scalar is None):
+            raise ValueError(f"value {self.name!r}: a scalar value takes 0 tensors and needs 'scalar'")
+        if self.kind != "scalar" and self.scalar is not None:
+            raise ValueError(f"value {self.name!r}: only scalar values carry 'scalar'")
+        return self
+
+
+class StageForward(_Strict):
+    """A stateless forward of graph stage ``[start, end)`` (stage indices): named values in order.
+
+    The message's tensors are the values' tensors concatenated in ``values`` order.
+    """
+
+    kind: str = Field("stage_forward", pattern="^stage_forward$")
+    protocol: int = PROTOCOL_VERSION
+    model_id: str = Field(min_length=1, max_length=200)
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+    values: list[StageValue] = Field(max_length=MAX_STAGE_VALUES)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "StageForward":
+        names = [v.name for v in self.values]
+        if len(set(names)) != len(names):
+            raise ValueError(f"value names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+        return self
 
 
 class Reply(_Strict):
@@ -72,6 +136,7 @@ class Reply(_Strict):
     error: str | None = None
     step: int | None = None
     cache_tokens_left: int | None = None
+    values: list[StageValue] | None = Field(None, max_length=MAX_STAGE_VALUES)  # stage forward outputs
 
 
 class ServerRecord(_Strict):
@@ -79,6 +144,7 @@ class ServerRecord(_Strict):
 
     peer_id: str
     model_id: str
+    kind: Literal["span", "stage"] = "span"  # transformer blocks (KV cache) or graph stages (stateless)
     start: int = Field(ge=0)
     end: int = Field(ge=1)
     n_blocks: int = Field(ge=1)
@@ -88,6 +154,10 @@ class ServerRecord(_Strict):
     cache_tokens_total: int = Field(ge=0)
     addrs: list[str] = Field(default_factory=list)
     version: str = ""
+    # What a client gets from this server: weights as stored or quantized (server/quant.py), and
+    # its --wire-codec (its default reply codec and the most bytes per value it accepts).
+    quant: QuantMode = "none"
+    wire_codec: WireCodec = "none"
 
 
 @dataclass
@@ -95,7 +165,23 @@ class Message:
     """Transport-neutral message: validated-later JSON metadata and raw tensors."""
 
     meta: dict
-    tensors: list[torch.Tensor] = field(default_factory=list)
+    tensors: list[torch.Tensor | WireTensor] = field(default_factory=list)  # WireTensor: already encoded
+    codecs: list[str] = field(default_factory=list)  # set by the receiver: the codec each tensor came in
+
+
+@dataclass(frozen=True)
+class WireTensor:
+    """A tensor in its wire form (see transport/codecs.py): raw bytes plus what decoding needs.
+
+    ``dtype`` and ``shape`` describe the decoded tensor; ``buffer`` holds the codec's payload
+    (for the blockwise codecs: codes, then one float32 scale per block of ``block_size`` values).
+    """
+
+    buffer: bytes
+    shape: tuple[int, ...]
+    dtype: str
+    codec: str = "none"
+    block_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +190,9 @@ class TensorLimits:
 
     max_bytes: int = 256 * 1024**2
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+    min_dims: int = 1
+    max_dims: int = MAX_TENSOR_DIMS
+    codecs: tuple[str, ...] = WIRE_CODECS  # activation codecs accepted for float tensors
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -117,7 +206,7 @@ def tensor_from_wire(buffer: bytes, shape: list[int], dtype: str, limits: Tensor
     """Rebuild a tensor from raw bytes after checking dtype, shape and size against ``limits``."""
     if dtype not in limits.dtypes or dtype not in WIRE_DTYPES:
         raise WireError(f"tensor dtype {dtype!r} not accepted (allowed: {', '.join(limits.dtypes)})")
-    if not (1 <= len(shape) <= MAX_TENSOR_DIMS) or any(d < 0 for d in shape):
+    if not (limits.min_dims <= len(shape) <= limits.max_dims) or any(d < 0 for d in shape):
         raise WireError(f"tensor shape {list(shape)} is malformed")
     torch_dtype = WIRE_DTYPES[dtype]
     expected = math.prod(shape) * torch.empty((), dtype=torch_dtype).element_size()
@@ -127,6 +216,8 @@ def tensor_from_wire(buffer: bytes, shape: list[int], dtype: str, limits: Tensor
         raise WireError(f"tensor buffer holds {len(buffer)} bytes, shape {list(shape)} {dtype} needs {expected}")
     if expected == 0:
         return torch.empty(shape, dtype=torch_dtype)
+    if torch_dtype == torch.bool and max(buffer) > 1:
+        raise WireError("bool tensor holds bytes other than 0 and 1")
     return torch.frombuffer(bytearray(buffer), dtype=torch_dtype).reshape(shape)
 
 
@@ -134,7 +225,7 @@ def tensor_to_wire(tensor: torch.Tensor) -> tuple[bytes, list[int], str]:
     """Raw little-endian bytes, shape and dtype name of a CPU tensor."""
     name = dtype_name(tensor.dtype)
     data = tensor.detach().contiguous().cpu()
-    return data.view(torch.uint8).numpy().tobytes() if data.numel() else b"", list(data.shape), name
+    return data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"", list(data.shape), name
 
 
 def parse_meta(model: type[BaseModel], meta: dict) -> BaseModel:

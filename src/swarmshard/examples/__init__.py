@@ -1,0 +1,1 @@
+"""Ready-made graph factories (``MODULE:FUNCTION``) for `swarmshard plan`, `serve --graph` and `demo --graph`."""

@@ -1,0 +1,179 @@
+"""Continuous batching: steps of concurrent sessions that arrive together share one forward pass.
+
+Steps queue up while the compute thread is busy; each round takes everything queued. Decode steps
+(one new token per sequence) of different sessions are stacked into one batch: their KV caches, of
+different lengths, are padded to a common length for that pass and masked, and each session's new
+keys and values go back into its own cache. Prompts (prefill) of fresh sessions with the same length
+are stacked too. Anything else (a lone step, a rewind, sliding-window layers) runs on its own, on
+exactly the path a single session takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+
+from swarmshard.server.shard import SpanBackend
+
+
+def supports_stacking(config) -> bool:
+    """Stacked decoding masks every layer alike, so it needs full attention in every layer."""
+    if getattr(config, "sliding_window", None):
+        return False
+    layer_types = getattr(config, "layer_types", None) or []
+    return all(t == "full_attention" for t in layer_types)
+
+
+class _StackedCache(Cache):
+    """Presents several sessions' caches as one padded batch to the model's attention layers."""
+
+    def __init__(self, caches: Sequence[DynamicCache]) -> None:
+        super().__init__(layers=[])
+        self.caches = list(caches)
+        self.kv_lengths: list[int] = []
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = [], []
+        for row, cache in enumerate(self.caches):
+            k, v = cache.update(key_states[row : row + 1], value_states[row : row + 1], layer_idx)
+            keys.append(k)
+            values.append(v)
+        self.kv_lengths = [k.shape[-2] for k in keys]
+        longest = max(self.kv_lengths)
+        batch_k = key_states.new_zeros(len(keys), keys[0].shape[1], longest, keys[0].shape[-1])
+        batch_v = value_states.new_zeros(len(values), values[0].shape[1], longest, values[0].shape[-1])
+        for row, (k, v) in enumerate(zip(keys, values)):
+            batch_k[row, :, : k.shape[-2]] = k[0]
+            batch_v[row, :, : v.shape[-2]] = v[0]
+        return batch_k, batch_v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(c.get_seq_length(layer_idx) for c in self.caches)
+
+
+def stacked_decode(backend: SpanBackend, hidden: Sequence[torch.Tensor], caches: Sequence[DynamicCache]) -> list[torch.Tensor]:
+    """One forward pass for one new token of each session (each ``hidden`` is (1, 1, H))."""
+    lengths = [c.get_seq_length() for c in caches]
+    longest = max(lengths) + 1
+    batch = torch.cat(list(hidden), dim=0).to(backend.dtype)
+    positions = torch.tensor(lengths).unsqueeze(1)
+    allowed = torch.arange(longest).unsqueeze(0) <= positions  # (B, longest): own tokens and the new one
+    mask = allowed[:, None, None, :]
+    if backend.config._attn_implementation != "sdpa":
+        mask = torch.zeros(mask.shape, dtype=batch.dtype).masked_fill(~mask, torch.finfo(batch.dtype).min)
+    with torch.inference_mode():
+        out = backend.module(
+            inputs_embeds=batch, position_ids=positions, past_key_values=_StackedCache(caches),
+            attention_mask=mask, use_cache=True,
+        ).last_hidden_state
+    return [out[row : row + 1] for row in range(out.shape[0])]
+
+
+def stacked_prefill(backend: SpanBackend, hidden: Sequence[torch.Tensor], caches: Sequence[DynamicCache]) -> list[torch.Tensor]:
+    """One forward pass for same-length prompts of fresh sessions; splits the cache back per session."""
+    batch = torch.cat(list(hidden), dim=0)
+    shared = backend.new_cache()
+    out = backend.forward(batch, 0, shared)
+    for row, cache in enumerate(caches):
+        for layer_idx, layer in enumerate(shared.layers):
+            cache.update(layer.keys[row : row + 1], layer.values[row : row + 1], layer_idx)
+    return [out[row : row + 1] for row in range(out.shape[0])]
+
+
+@dataclass
+class _Work:
+    hidden: torch.Tensor
+    position: int
+    cache: DynamicCache
+    future: asyncio.Future = field(repr=False)
+
+
+class StepBatcher:
+    """Queues inference steps and runs them in rounds, stacking what can be stacked."""
+
+    def __init__(self, backend: SpanBackend, executor: Executor, max_batch: int = 64) -> None:
+        self.backend = backend
+        self.executor = executor
+        self.max_batch = max_batch
+        self.stackable = supports_stacking(backend.config)
+        self._queue: asyncio.Queue[_Work] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self.rounds = 0
+        self.stacked_steps = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def submit(self, hidden: torch.Tensor, position: int, cache: DynamicCache) -> torch.Tensor:
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Work(hidden, position, cache, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            work = [await self._queue.get()]
+            while not self._queue.empty() and len(work) < self.max_batch:
+                work.append(self._queue.get_nowait())
+            work = [w for w in work if not w.future.cancelled()]
+            if not work:
+                continue
+            groups = self._group(work)
+            self.rounds += 1
+            results = await loop.run_in_executor(self.executor, self._compute, groups)
+            for group, outcome in zip(groups, results):
+                for item, value in zip(group, outcome if isinstance(outcome, list) else [outcome] * len(group)):
+                    if item.future.done():
+                        continue
+                    if isinstance(value, BaseException):
+                        item.future.set_exception(value)
+                    else:
+                        item.future.set_result(value)
+
+    def _group(self, work: list[_Work]) -> list[list[_Work]]:
+        """Decode steps together, same-length fresh prompts together, everything else alone."""
+        if not self.stackable:
+            return [[w] for w in work]
+        decode, prefill, alone = [], {}, []
+        seen: set[int] = set()
+        for w in work:
+            fresh = w.position == 0 and w.cache.get_seq_length() == 0
+            if id(w.cache) in seen or w.hidden.shape[0] != 1:
+                alone.append([w])
+            elif w.hidden.shape[1] == 1 and w.position == w.cache.get_seq_length() and w.position > 0:
+                decode.append(w)
+            elif fresh:
+                prefill.setdefault(w.hidden.shape[1], []).append(w)
+            else:
+                alone.append([w])
+            seen.add(id(w.cache))
+        groups = [decode] if decode else []
+        return groups + list(prefill.values()) + alone
+
+    def _compute(self, groups: list[list[_Work]]) -> list:
+        results: list = []
+        for group in groups:
+            try:
+                if len(group) == 1:
+                    w = group[0]
+                    results.append([self.backend.forward(w.hidden, w.position, w.cache)])
+                elif group[0].position == 0:
+                    results.append(stacked_prefill(self.backend, [w.hidden for w in group], [w.cache for w in group]))
+                    self.stacked_steps += len(group)
+                else:
+                    results.append(stacked_decode(self.backend, [w.hidden for w in group], [w.cache for w in group]))
+                    self.stacked_steps += len(group)
+            except Exception as exc:  # a failure answers every step of its group, the server goes on
+                results.append(exc)
+        return results
