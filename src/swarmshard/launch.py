@@ -29,6 +29,7 @@ class NodeProcess:
     log_path: Path
     ready: threading.Event = field(default_factory=threading.Event)
     info: dict = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)  # every JSON event printed, in order (e.g. 'moved')
 
     @property
     def pid(self) -> int:
@@ -80,6 +81,8 @@ class LocalSwarm:
         self.server_args = server_args or []
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="swarmshard-logs-"))
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        if env and "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):  # extend, never hide, the caller's path
+            self.env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], os.environ["PYTHONPATH"]])
         self.bootstrap: NodeProcess | None = None
         self.servers: list[NodeProcess] = []
 
@@ -105,6 +108,8 @@ class LocalSwarm:
                     event = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if isinstance(event, dict):
+                    node.events.append(event)
                 if isinstance(event, dict) and event.get("event") == "ready":
                     node.info = event
                     node.ready.set()
@@ -134,15 +139,31 @@ class LocalSwarm:
         self._wait(nodes, timeout)
         return nodes
 
-    def _spawn_server(self, model: str, start: int, end: int, extra: list[str] | None = None) -> NodeProcess:
-        args = ["serve", "--model", model, "--blocks", f"{start}:{end}", "--json-events",
+    def start_auto_server(self, model: str | None = None, extra: list[str] | None = None,
+                          timeout: float = 300.0) -> NodeProcess:
+        """Start a ``--blocks auto`` server (it picks its own span, see its 'placed' event) and wait
+        until it is ready; its ``info`` holds the span it started with."""
+        return self.start_auto_servers([extra or []], model, timeout)[0]
+
+    def start_auto_servers(self, extras: list[list[str]], model: str | None = None,
+                           timeout: float = 300.0) -> list[NodeProcess]:
+        """Start one ``--blocks auto`` server per list of extra arguments, concurrently (so they
+        may not see each other when they choose), and wait until all are ready."""
+        nodes = [self._spawn_server(model or self.model, 0, 0, extra, blocks="auto") for extra in extras]
+        self._wait(nodes, timeout)
+        return nodes
+
+    def _spawn_server(self, model: str, start: int, end: int, extra: list[str] | None = None,
+                      blocks: str | None = None) -> NodeProcess:
+        blocks = blocks or f"{start}:{end}"
+        args = ["serve", "--model", model, "--blocks", blocks, "--json-events",
                 "--cache-tokens", str(self.cache_tokens)]
         for addr in self.initial_peers:
             args += ["--initial-peers", addr]
         if self.home:
             args += ["--home", self.home]
         args += [*self.server_args, *(extra or [])]  # last: a repeated option's last value wins
-        node = self._spawn(f"server{len(self.servers)}-{start}-{end}", args)
+        node = self._spawn(f"server{len(self.servers)}-{blocks.replace(':', '-')}", args)
         self.servers.append(node)
         return node
 
