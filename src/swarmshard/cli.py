@@ -46,7 +46,8 @@ def _quiet_transformers() -> None:
 @app.command()
 def serve(
     model: str = typer.Option("smollm2-135m", help="Model name or local path (transformers dir or .gguf)."),
-    blocks: Optional[str] = typer.Option(None, help="Span of blocks to serve, START:END (END exclusive), e.g. 10:20."),
+    blocks: Optional[str] = typer.Option(None, help="Span of blocks to serve, START:END (END exclusive), e.g. 10:20, "
+                                         "or auto: size it from memory and place it where the swarm is weakest."),
     initial_peers: list[str] = typer.Option([], "--initial-peers", help=PEERS_HELP),
     new_swarm: bool = typer.Option(False, "--new-swarm", help="Start a new swarm (no initial peers)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
@@ -61,6 +62,16 @@ def serve(
     stage: Optional[int] = typer.Option(None, help="Index of the plan's stage to serve (with --graph)."),
     quant: str = typer.Option("none", help=QUANT_HELP),
     wire_codec: str = typer.Option("none", "--wire-codec", help=SERVE_CODEC_HELP),
+    memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="GB (1e9 bytes) for weights + KV cache "
+                                              "(--blocks auto sizes its span with it; default: 80% of available)."),
+    block_speed: Optional[float] = typer.Option(None, "--block-speed", help="Declared decode tokens/s through one "
+                                                "block, announced instead of the measured speed."),
+    rebalance_period: Optional[float] = typer.Option(None, "--rebalance-period", help="With --blocks auto: mean "
+                                                     "seconds between move checks (default 120; 0: never move)."),
+    move_threshold: float = typer.Option(1.15, "--move-threshold", help="With --blocks auto: move only if the "
+                                         "swarm's bottleneck grows by more than this factor."),
+    rtt_period: float = typer.Option(60.0, "--rtt-period", help="Seconds between pings of the other servers "
+                                     "(round trips are announced; 0: never)."),
 ) -> None:
     """Serve a contiguous span of a model's blocks (or one stage of a graph plan) until SIGINT/SIGTERM."""
     from swarmshard.core.shard import parse_span
@@ -72,6 +83,9 @@ def serve(
     _quiet_transformers()
     if not initial_peers and not new_swarm:
         raise typer.BadParameter("give --initial-peers ADDR (join a swarm) or --new-swarm", param_hint="--initial-peers")
+    if graph is not None and (quant != "none" or wire_codec != "none"):
+        raise typer.BadParameter("--quant and --wire-codec apply to spans of blocks, not to graph stages",
+                                 param_hint="--graph")
     if graph is not None:  # the stateless kind of shard: a stage of a sliced graph
         _serve_graph_stage(graph, plan, stage, blocks, ServerSettings(
             model=graph, start=stage or 0, end=(stage or 0) + 1, initial_peers=list(initial_peers), host=host,
@@ -80,22 +94,50 @@ def serve(
         ), run, json_events)
         return
     if blocks is None:
-        raise typer.BadParameter("give --blocks START:END (or --graph/--plan/--stage for a graph stage)",
-                                 param_hint="--blocks")
+        raise typer.BadParameter("give --blocks START:END or --blocks auto (or --graph/--plan/--stage for a graph "
+                                 "stage)", param_hint="--blocks")
+    auto = blocks.strip().lower() == "auto"
+    if not auto and rebalance_period is not None:
+        raise typer.BadParameter("only a --blocks auto server rebalances", param_hint="--rebalance-period")
     try:
         check_quant(quant)
         check_codec(wire_codec)
+        _check_positive(block_speed=block_speed, move_threshold=move_threshold)
+        if move_threshold < 1.0:
+            raise ValueError(f"--move-threshold must be >= 1 (a move must raise the bottleneck), got {move_threshold}")
+        if (rebalance_period or 0) < 0 or rtt_period < 0:
+            raise ValueError("--rebalance-period and --rtt-period must be >= 0 (0 turns them off)")
         manifest = ModelStore(home).resolve(model, progress=not json_events)
-        start, end = parse_span(blocks, manifest.n_blocks)
+        start, end = (0, manifest.n_blocks) if auto else parse_span(blocks, manifest.n_blocks)
+        if auto:
+            _check_auto_memory(manifest, memory_gb, cache_tokens, quant, wire_codec)
     except (ValueError, FileNotFoundError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
     settings = ServerSettings(
         model=model, start=start, end=end, initial_peers=list(initial_peers), host=host, port=port,
         cache_tokens=cache_tokens, announce_period=announce_period, record_ttl=3 * announce_period,
-        idle_timeout=idle_timeout, home=home, quant=quant, wire_codec=wire_codec,
+        idle_timeout=idle_timeout, home=home, quant=quant, wire_codec=wire_codec, auto=auto, memory_gb=memory_gb,
+        block_speed=block_speed, rebalance_period=120.0 if rebalance_period is None else rebalance_period,
+        move_threshold=move_threshold, rtt_period=rtt_period,
     )
     run(settings, json_events=json_events)
+
+
+def _check_positive(**values: Optional[float]) -> None:
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _check_auto_memory(manifest, memory_gb: Optional[float], cache_tokens: int, quant: str, wire_codec: str) -> None:
+    """Refuse (before joining anything) a --blocks auto server whose memory holds no block."""
+    from swarmshard.server import autoplace
+    from swarmshard.server.node import memory_budget
+
+    spec = autoplace.model_spec(manifest, cache_tokens, wire_codec)
+    profile = autoplace.node_profile("this-node", 1.0, memory_budget(memory_gb), manifest, quant)
+    autoplace.max_blocks(profile, spec)
 
 
 def _serve_graph_stage(graph: str, plan: Optional[str], stage: Optional[int], blocks: Optional[str],
@@ -285,18 +327,37 @@ def status(
 
 @app.command()
 def plan(
-    graph: str = typer.Option(..., help=GRAPH_HELP),
+    graph: Optional[str] = typer.Option(None, help=GRAPH_HELP + " Slice it into pipeline stages."),
+    swarm: Optional[str] = typer.Option(None, help="YAML file of a model and its nodes (block speed, memory, "
+                                        "bandwidth): place spans of blocks on them (see README)."),
+    exact: bool = typer.Option(False, "--exact", help="With --swarm: also solve exactly (MILP; small swarms)."),
+    home: Optional[str] = typer.Option(None, help="With --swarm: model store for a model named in the file."),
     stages: Optional[int] = typer.Option(None, help="Number of stages (default: one per node of --nodes)."),
     nodes: Optional[str] = typer.Option(None, help="YAML file of nodes (speed, bandwidth, memory); stage i runs on node i."),
     input_shape: Optional[str] = typer.Option(None, help="Override the factory's example input shape, e.g. 1,3,32,32."),
     search: bool = typer.Option(False, "--search", help="Also search topological orders (genetic algorithm)."),
-    seed: int = typer.Option(0, help="Seed of --search."),
+    seed: int = typer.Option(0, help="Seed of --search (and of the --swarm planner)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan JSON instead of the table."),
     out: Optional[str] = typer.Option(None, help="Write the plan JSON here (what `serve --plan` reads)."),
     picture: Optional[str] = typer.Option(None, help="Draw the graph coloured by stage into this .svg or .png."),
 ) -> None:
-    """Slice any traceable model into pipeline stages for a set of nodes (MTPP) and show the plan."""
+    """Plan a swarm: slice a traceable model into pipeline stages (--graph, MTPP), or place spans of a
+    model's blocks on a described set of nodes (--swarm, with a certified bound)."""
     from rich.markup import escape
+
+    if (graph is None) == (swarm is None):
+        raise typer.BadParameter("give exactly one of --graph MODULE:FUNCTION (pipeline stages of any model) or "
+                                 "--swarm swarm.yaml (spans of a model's blocks on nodes)", param_hint="--graph/--swarm")
+    if swarm is not None:
+        graph_only = {"--stages": stages, "--nodes": nodes, "--input-shape": input_shape, "--picture": picture,
+                      "--search": search or None}
+        given = [name for name, value in graph_only.items() if value is not None]
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)} only apply to --graph", param_hint="--swarm")
+        _plan_swarm(swarm, home, seed, exact, as_json, out)
+        return
+    if exact or home is not None:
+        raise typer.BadParameter("--exact and --home only apply to --swarm", param_hint="--graph")
 
     from swarmshard.core.factory import FactoryError, parse_shape
     from swarmshard.core.graph import TraceError
@@ -327,6 +388,100 @@ def plan(
             console.print(f"{what} written to {escape(path)}")
 
 
+def _plan_swarm(path: str, home: Optional[str], seed: int, exact: bool, as_json: bool, out: Optional[str]) -> None:
+    from rich.markup import escape
+
+    from swarmshard.swarm_plan import SwarmFileError, load_swarm, make_swarm_plan, swarm_table
+
+    try:
+        result = make_swarm_plan(load_swarm(path), home=home, seed=seed, exact=exact)
+    except SwarmFileError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2)
+    if out:
+        Path(out).write_text(result.to_json())
+    if as_json:
+        print(result.to_json())
+        return
+    console = Console(width=max(Console().width, 120))
+    table, lines = swarm_table(result)
+    console.print(table)
+    for line in lines:
+        console.print(line)
+    if out:
+        console.print(f"plan written to {escape(out)}")
+
+
+@app.command()
+def simulate(
+    nodes: int = typer.Option(100, min=1, help="Servers at the start (also the mean population under churn)."),
+    duration: float = typer.Option(3600.0, min=1.0, help="Simulated seconds."),
+    seed: int = typer.Option(0, help="Seed: the same seed gives the same machines, churn and requests."),
+    policy: str = typer.Option("ours", help="Placement and rebalancing: ours (choose_span + decide_move) or petals."),
+    mean_lifetime: float = typer.Option(4 * 3600.0, min=1.0, help="Mean seconds a server stays (churn; larger: less)."),
+    crash_fraction: float = typer.Option(0.3, min=0.0, max=1.0, help="Share of departures that are crashes."),
+    check_period: float = typer.Option(600.0, min=1.0, help="Mean seconds between a server's rebalancing checks."),
+    move_threshold: float = typer.Option(1.15, min=1.0, help="Hysteresis: move only if the bottleneck grows this much."),
+    load: float = typer.Option(0.5, min=0.0, help="Offered decode load as a share of the initial bottleneck."),
+    plot: Optional[str] = typer.Option(None, help="Write PNG plots (capacity, coverage, servers, moves) here."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report."),
+) -> None:
+    """Simulate a swarm under churn with the placement core and report throughput, latency, availability."""
+    from rich.markup import escape
+
+    from swarmshard.sim import SimConfig, plot_report, simulate as run_sim
+
+    if policy not in ("ours", "petals"):
+        raise typer.BadParameter(f"unknown policy {policy!r}: use ours or petals", param_hint="--policy")
+    if plot is not None and not plot.lower().endswith(".png"):
+        raise typer.BadParameter(f"{plot!r} must end in .png", param_hint="--plot")
+    config = SimConfig(num_nodes=nodes, duration_s=duration, seed=seed, policy=policy, mean_lifetime_s=mean_lifetime,
+                       crash_fraction=crash_fraction, check_period_s=check_period, move_threshold=move_threshold,
+                       load=load, sample_every_s=min(60.0, duration / 10))
+    report = run_sim(config)
+    if plot is not None:
+        try:
+            plot_report(report, plot)
+        except (ImportError, OSError) as exc:
+            err.print(f"[red]error:[/red] cannot write {escape(plot)}: {escape(str(exc))}")
+            raise typer.Exit(2)
+    summary = {
+        "nodes": nodes, "duration_s": duration, "seed": seed, "policy": policy,
+        "offered_tokens_per_s": report.offered_tokens_per_s, "throughput_tokens_per_s": report.throughput_tokens_per_s,
+        "mean_bottleneck": report.mean_bottleneck, "availability": report.availability,
+        "latency_p50_s": report.latency_p50_s, "latency_p90_s": report.latency_p90_s,
+        "latency_p99_s": report.latency_p99_s, "requests_traced": report.requests_traced,
+        "request_failure_rate": report.request_failure_rate, "moves": report.moves, "joins": report.joins,
+        "leaves": report.leaves, "crashes": report.crashes, "events": report.events, "wall_s": report.wall_s,
+    }
+    if plot is not None:
+        summary["plot"] = plot
+    if as_json:
+        print(json.dumps(summary))
+        return
+    console = Console()
+    table = Table(title=f"{nodes} nodes, {duration / 3600:.3g} h simulated, policy {policy}, seed {seed}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("offered load", f"{report.offered_tokens_per_s:.1f} tok/s"),
+        ("throughput served", f"{report.throughput_tokens_per_s:.1f} tok/s"),
+        ("mean capacity (bottleneck)", f"{report.mean_bottleneck:.1f} tok/s"),
+        ("availability (all blocks served)", f"{100 * report.availability:.2f}%"),
+        ("latency p50 / p90 / p99", f"{report.latency_p50_s:.2f} / {report.latency_p90_s:.2f} / "
+                                    f"{report.latency_p99_s:.2f} s"),
+        ("requests traced (failed)", f"{report.requests_traced} ({100 * report.request_failure_rate:.2f}%)"),
+        ("moves", str(report.moves)),
+        ("joins / leaves / crashes", f"{report.joins} / {report.leaves} / {report.crashes}"),
+        ("events (wall time)", f"{report.events} ({report.wall_s:.2f} s)"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    if plot is not None:
+        console.print(f"plots written to {escape(plot)}")
+
+
 @app.command()
 def demo(
     model: str = typer.Option("smollm2-135m", help="Model name or local path."),
@@ -348,6 +503,8 @@ def demo(
 
     _quiet_transformers()
     console = Console()
+    if graph is not None and (quant != "none" or wire_codec != "none"):
+        raise typer.BadParameter("--quant and --wire-codec apply to chat demos, not to --graph", param_hint="--graph")
     if graph is not None:
         _graph_demo(graph, stages, input_shape, as_json, console)
         return

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -17,15 +18,17 @@ import torch
 
 from swarmshard.aio import LoopThread
 from swarmshard.client.session import BanList, RemoteSession, remote_forward
-from swarmshard.core.routing import Candidate, NoRoute, RouteHop, choose_route
+from swarmshard.core.routing import DEFAULT_LOAD_PENALTY, Candidate, NoRoute, RouteHop, choose_route
 from swarmshard.core.store import Manifest, ModelStore
 from swarmshard.transport.codecs import accepted_codecs, check_codec
 from swarmshard.transport.p2p import SwarmNode
+from swarmshard.transport.rtt import RttCache
 from swarmshard.transport.schemas import ServerRecord
 
 
 ROUTE_LOOKUPS = 3
 ROUTE_RETRY_DELAY = 0.5
+UNMEASURED_RTT_S = 0.05  # round trip assumed for a server that did not answer our ping (yet)
 
 
 class DigestRefused(RuntimeError):
@@ -48,6 +51,24 @@ def trusted_records(records: list[ServerRecord], block_digests: list[str]) -> li
         r for r in records
         if r.n_blocks == n_blocks and r.end <= n_blocks and r.block_digests == block_digests[r.start : r.end]
     ]
+
+
+def candidates_from_records(
+    records: Sequence[ServerRecord],
+    rtts: Mapping[str, float | None],
+    local_load: Mapping[str, int] | None = None,
+) -> list[Candidate]:
+    """Routing's view of the servers: our measured round trip to each (``UNMEASURED_RTT_S`` when
+    unknown), announced throughput and cache, and as load the larger of the sessions it announced
+    and the sessions we hold on it (announcements lag; adding both would count ours twice)."""
+    local_load = local_load or {}
+    out = []
+    for r in records:
+        rtt = rtts.get(r.peer_id)
+        out.append(Candidate(r.peer_id, r.start, r.end, r.throughput, r.cache_tokens_left,
+                             UNMEASURED_RTT_S if rtt is None else rtt,
+                             float(max(r.sessions, local_load.get(r.peer_id, 0)))))
+    return out
 
 
 @dataclass
@@ -83,7 +104,7 @@ class InferenceSession:
         return self.model._loop.run(self.remote.step(hidden))
 
     def close(self) -> None:
-        self.model._loop.run(self.remote.close(), timeout=10)
+        self.model._loop.run(self.model._close_remote(self.remote), timeout=10)
         if self.model._active is self:
             self.model._active = None
 
@@ -112,6 +133,12 @@ class DistributedModelForCausalLM:
             self._loop.stop()
             raise
         self._active: InferenceSession | None = None
+        # Routing inputs: cached round trips to servers, and our own sessions on each server (live
+        # ones, plus routes chosen but not opened yet) so concurrent sessions spread over replicas.
+        self.rtts = RttCache(self.node)
+        self.load_penalty = DEFAULT_LOAD_PENALTY
+        self._live: list[RemoteSession] = []
+        self._reserved: Counter[str] = Counter()
         self.last_stats = GenerationStats()
         self.banned = BanList()
         self.last_route: list[RouteHop] = []
@@ -138,21 +165,40 @@ class DistributedModelForCausalLM:
     def plan_route(self, need_tokens: int = 0) -> list[RouteHop]:
         return self._loop.run(self._plan_route(need_tokens), timeout=self.timeout)
 
+    def _local_load(self) -> Counter[str]:
+        """Our sessions per server: open ones (on their current hops) and routes being opened."""
+        load = Counter(h.peer_id for remote in self._live for h in remote.route)
+        load.update(self._reserved)
+        return load
+
+    async def _close_remote(self, remote: RemoteSession) -> None:
+        try:
+            await remote.close()
+        finally:
+            if remote in self._live:
+                self._live.remove(remote)
+
     async def _plan_route(self, need_tokens: int = 0, start: int = 0, end: int | None = None,
-                          banned: set[str] | None = None) -> list[RouteHop]:
+                          banned: set[str] | None = None, reserve: bool = False) -> list[RouteHop]:
         """Route over trusted servers; also tells our daemon where the chosen peers are.
 
+        Hops cost our measured round trip plus compute slowed by the server's load (core/routing).
         A DHT lookup can come back short (a peer slow to answer), so a failed routing is retried a
-        few times on fresh lookups before it is reported.
+        few times on fresh lookups before it is reported. ``reserve`` counts the route as one more
+        session on its servers until the caller registers the opened session.
         """
         banned = self.banned.active() if banned is None else banned
         for attempt in range(ROUTE_LOOKUPS):
             records = await self.node.fetch(self.manifest.model_id)
             trusted = trusted_records(records, self.manifest.block_digests)
             usable = codec_records(trusted, self.wire_codec)
-            candidates = [Candidate(r.peer_id, r.start, r.end, r.throughput, r.cache_tokens_left) for r in usable]
+            rtts = await self.rtts.measure([r for r in usable if r.peer_id not in banned])
+            candidates = candidates_from_records(usable, rtts, self._local_load())
             try:
-                route = choose_route(candidates, self.manifest.n_blocks, need_tokens, banned, start, end)
+                route = choose_route(candidates, self.manifest.n_blocks, need_tokens, banned, start, end,
+                                     load_penalty=self.load_penalty)
+                if reserve:
+                    self._reserved.update(h.peer_id for h in route)
                 break
             except NoRoute as exc:
                 if attempt + 1 < ROUTE_LOOKUPS:
@@ -174,9 +220,19 @@ class DistributedModelForCausalLM:
                 ) from failure
             raise failure
         by_peer = {r.peer_id: r for r in trusted}
-        for hop in route:
-            await self.node.connect(by_peer[hop.peer_id])
+        try:
+            for hop in route:
+                await self.node.connect(by_peer[hop.peer_id])
+        except BaseException:
+            if reserve:
+                self._release(route)
+            raise
         return route
+
+    def _release(self, route: list[RouteHop]) -> None:
+        """Undo ``_plan_route(reserve=True)``: the session is registered (or was never opened)."""
+        self._reserved.subtract(h.peer_id for h in route)
+        self._reserved = +self._reserved  # drop zero counts
 
     # ---- sessions -----------------------------------------------------------------------------------
 
@@ -187,13 +243,19 @@ class DistributedModelForCausalLM:
             return await self._plan_route(need, start, end, banned)
 
         async def start() -> RemoteSession:
-            route = await self._plan_route(need)
+            route = await self._plan_route(need, reserve=True)
             remote = RemoteSession(
                 self.node, self.manifest.model_id, route, max_length, batch_size,
                 self.manifest.hidden_size, self.timeout, find_route=find_route, bans=self.banned,
                 wire_codec=self.wire_codec,
             )
-            await remote.open()
+            self._live.append(remote)
+            self._release(route)
+            try:
+                await remote.open()
+            except BaseException:
+                self._live.remove(remote)
+                raise
             return remote
 
         remote = self._loop.run(start(), timeout=self.timeout * 4 + 30)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 
 class NoRoute(RuntimeError):
@@ -16,14 +16,20 @@ class NoRoute(RuntimeError):
 
 @dataclass(frozen=True)
 class Candidate:
-    """A server as routing sees it."""
+    """A server as routing sees it.
+
+    ``rtt_s`` is the client's measured round trip to it (hidden states go client -> server ->
+    client on every hop); ``load`` counts the sessions it is already serving, so concurrent
+    sessions spread over replicas instead of all picking the one that looked fastest when idle.
+    """
 
     peer_id: str
     start: int
     end: int
-    throughput: float  # decode tokens/s of its whole span
+    throughput: float  # decode tokens/s of its whole span, one session at a time
     cache_tokens_left: int
     rtt_s: float = 0.001
+    load: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -33,9 +39,19 @@ class RouteHop:
     end: int
 
 
-def hop_cost(candidate: Candidate) -> float:
-    """Seconds per decoded token spent on this hop: network round trip plus compute."""
-    return candidate.rtt_s + 1.0 / max(candidate.throughput, 1e-9)
+DEFAULT_LOAD_PENALTY = 1.0
+
+
+def hop_cost(candidate: Candidate, load_penalty: float = DEFAULT_LOAD_PENALTY) -> float:
+    """Seconds per decoded token spent on this hop: network round trip plus compute.
+
+    Each session already on the server is assumed to cost ``load_penalty`` of a step's compute
+    time (1.0: steps take turns; below 1 when the server batches concurrent steps well).
+    """
+    if load_penalty < 0:
+        raise ValueError(f"load_penalty must be >= 0, got {load_penalty}")
+    compute = (1.0 + load_penalty * max(candidate.load, 0.0)) / max(candidate.throughput, 1e-9)
+    return candidate.rtt_s + compute
 
 
 def missing_blocks(candidates: Sequence[Candidate], n_blocks: int, start: int = 0, end: int | None = None) -> list[int]:
@@ -66,11 +82,12 @@ def choose_route(
     banned: Collection[str] = (),
     start: int = 0,
     end: int | None = None,
+    load_penalty: float = DEFAULT_LOAD_PENALTY,
 ) -> list[RouteHop]:
     """Min-latency chain of whole server spans tiling ``[start, end)`` (default: all blocks).
 
-    A shortest path on the DAG of block boundaries. Servers that are banned or lack ``need_tokens``
-    of cache are skipped; ties go to fewer hops.
+    A shortest path on the DAG of block boundaries, each hop costing ``hop_cost``. Servers that
+    are banned or lack ``need_tokens`` of cache are skipped; ties go to fewer hops.
     """
     end = n_blocks if end is None else end
     usable = [c for c in candidates if c.peer_id not in banned and c.cache_tokens_left >= need_tokens]
@@ -89,7 +106,7 @@ def choose_route(
             continue
         cost, hops = best[boundary]
         for c in by_start.get(boundary, []):
-            option = (cost + hop_cost(c), hops + 1)
+            option = (cost + hop_cost(c, load_penalty), hops + 1)
             if best[c.end] is None or option < best[c.end]:
                 best[c.end], via[c.end] = option, c
     if best[end] is None:
@@ -107,3 +124,36 @@ def choose_route(
         route.append(RouteHop(c.peer_id, c.start, c.end))
         boundary = c.start
     return route[::-1]
+
+
+def with_load(candidates: Sequence[Candidate], extra: Mapping[str, float]) -> list[Candidate]:
+    """The candidates with ``extra[peer]`` sessions added to their load (e.g. a client's own
+    sessions, which the servers' announcements may not show yet)."""
+    return [replace(c, load=c.load + extra[c.peer_id]) if extra.get(c.peer_id) else c for c in candidates]
+
+
+def spread_routes(
+    candidates: Sequence[Candidate],
+    n_blocks: int,
+    sessions: int,
+    need_tokens: int = 0,
+    banned: Collection[str] = (),
+    load_penalty: float = DEFAULT_LOAD_PENALTY,
+) -> list[list[RouteHop]]:
+    """Routes for ``sessions`` sessions opened together (a batch, parallel requests).
+
+    Routed one after the other, each session adds one unit of load to the servers it uses and
+    takes ``need_tokens`` of their cache, so later sessions see earlier ones and spread over
+    replicas when that is faster. Raises NoRoute (naming the blocks) once the cache runs out.
+    """
+    if sessions < 0:
+        raise ValueError(f"sessions must be >= 0, got {sessions}")
+    state = {c.peer_id: c for c in candidates}
+    routes = []
+    for _ in range(sessions):
+        route = choose_route(list(state.values()), n_blocks, need_tokens, banned, load_penalty=load_penalty)
+        for hop in route:
+            c = state[hop.peer_id]
+            state[hop.peer_id] = replace(c, load=c.load + 1, cache_tokens_left=c.cache_tokens_left - need_tokens)
+        routes.append(route)
+    return routes

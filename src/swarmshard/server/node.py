@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import signal
-from collections.abc import AsyncIterator
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from swarmshard import __version__
+from swarmshard.core.placement import NodeProfile, Span
 from swarmshard.core.store import ModelStore
+from swarmshard.server import autoplace
 from swarmshard.server.batching import StepBatcher
 from swarmshard.server.cache import CacheFull, SessionCache, UnknownSession
 from swarmshard.server.shard import BadRequest, SpanBackend
 from swarmshard.server.stage import StageBackend
 from swarmshard.transport.codecs import accepted_codecs, encode_tensor
 from swarmshard.transport.p2p import SwarmNode
+from swarmshard.transport.rtt import RttCache
 from swarmshard.transport.schemas import (
     FORWARD_RPC,
     INFERENCE_RPC,
+    MAX_RTT_PEERS,
     Forward,
     Message,
     OpenSession,
@@ -58,6 +65,29 @@ class ServerSettings:
     graph: str | None = None
     plan: str | None = None
     stage: int | None = None
+    # --blocks auto: start/end are ignored; the span is chosen from the swarm's announcements and
+    # this node's profile (server/autoplace.py), and re-checked every ~rebalance_period seconds.
+    auto: bool = False
+    memory_gb: float | None = None  # memory for weights + KV reserve (None: 80% of what is available)
+    block_speed: float | None = None  # declared decode tokens/s through one block (None: measured)
+    rebalance_period: float = 120.0  # mean seconds between move checks (auto only; 0: never move)
+    move_threshold: float = 1.15  # move only if the swarm's bottleneck grows more than this factor
+    rtt_period: float = 60.0  # seconds between pings of other servers of the model (0: never)
+
+
+AUTO_MEMORY_FRACTION = 0.8  # of psutil's available memory, when --memory-gb is not given
+SWARM_LOOKUPS = 2  # DHT lookups merged before a placement decision (one can come back short)
+
+
+def memory_budget(memory_gb: float | None) -> int:
+    """Bytes a ``--blocks auto`` server may fill with weights and KV cache."""
+    if memory_gb is not None:
+        if not memory_gb > 0:
+            raise ValueError(f"--memory-gb must be positive, got {memory_gb}")
+        return int(memory_gb * 1e9)
+    import psutil
+
+    return int(psutil.virtual_memory().available * AUTO_MEMORY_FRACTION)
 
 
 def _error(text: str) -> Message:
@@ -77,16 +107,180 @@ class ShardServer:
         else:
             self.store = ModelStore(settings.home)
             self.manifest = self.store.resolve(settings.model)
-            self.backend = SpanBackend(self.store, self.manifest, settings.start, settings.end, settings.quant)
+            self.spec = autoplace.model_spec(self.manifest, settings.cache_tokens, settings.wire_codec)
+            # --blocks auto: one block, loaded to measure its speed; run() swaps in the chosen span
+            start, end = (0, 1) if settings.auto else (settings.start, settings.end)
+            self.backend = SpanBackend(self.store, self.manifest, start, end, settings.quant)
             self.sessions = SessionCache(settings.cache_tokens, self.backend.new_cache)
         self.model_id = self.backend.shard.model_id
         self.accepted_codecs = accepted_codecs(settings.wire_codec)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.batcher = StepBatcher(self.backend, self.executor) if self.sessions is not None else None
-        self.throughput = self.backend.measure_throughput()
+        self.measured_throughput = self.backend.measure_throughput()
+        self.throughput, self.block_speed = self._rates(self.measured_throughput)
+        self.memory_bytes = memory_budget(settings.memory_gb) if self.stage is None else 0  # announced
+        self.rtt: dict[str, float] = {}  # peer id -> seconds, announced
+        self.placement: autoplace.Placement | None = None
+        self.moves = 0
+        self.on_event: Callable[[str, dict], None] | None = None  # placement and move log (serve() prints it)
+        self._busy: Counter[StepBatcher] = Counter()  # steps in flight per batcher, to retire an old span
+        self._move_lock = asyncio.Lock()  # one placement decision or move at a time
+        self._tasks: list[asyncio.Task] = []
         self.node: SwarmNode | None = None
         self._addrs: list[str] = []
         self.stopping = asyncio.Event()
+
+    # ---- profile and placement (span servers) -----------------------------------------------------
+
+    def _rates(self, measured: float) -> tuple[float, float]:
+        """(throughput announced for the loaded span, decode tokens/s through one block).
+
+        Measured: the span's tokens/s, and that times its length per block (core.placement's model).
+        Declared with --block-speed: the model's rate for this span length, so placement decisions
+        do not depend on a noisy measurement.
+        """
+        if self.stage is not None:
+            return measured, 0.0
+        n = self.backend.shard.length
+        if self.settings.block_speed:
+            speed = float(self.settings.block_speed)
+            return min(speed / n, autoplace.DEFAULT_BANDWIDTH / self.spec.activation_bytes), speed
+        return measured, measured * n
+
+    def profile(self) -> NodeProfile:
+        assert self.node is not None
+        return autoplace.node_profile(self.node.peer_id, self.block_speed, self.memory_bytes, self.manifest,
+                                      self.settings.quant, rtt=self.rtt)
+
+    def _emit(self, kind: str, payload: dict) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, payload)
+
+    async def _swarm_records(self) -> list[ServerRecord]:
+        """The model's announcements, merged over a few lookups (one can miss a slow peer)."""
+        assert self.node is not None
+        merged: dict[str, ServerRecord] = {}
+        for attempt in range(SWARM_LOOKUPS):
+            if attempt:
+                await asyncio.sleep(0.3)
+            for r in await self.node.fetch(self.model_id):
+                merged[r.peer_id] = r
+        return list(merged.values())
+
+    async def _load(self, span: Span) -> tuple[SpanBackend, float]:
+        """Load ``span`` beside the one being served (weights off the event loop), and measure it."""
+        loop = asyncio.get_running_loop()
+        backend = await loop.run_in_executor(
+            None, SpanBackend, self.store, self.manifest, span.start, span.end, self.settings.quant
+        )
+        measured = await loop.run_in_executor(self.executor, backend.measure_throughput)
+        return backend, measured
+
+    def _commit(self, backend: SpanBackend, measured: float) -> tuple[SpanBackend, StepBatcher | None]:
+        """Serve ``backend`` from now on; returns the previous span's backend and batcher."""
+        old = (self.backend, self.batcher)
+        self.backend = backend
+        self.sessions = SessionCache(self.settings.cache_tokens, backend.new_cache)
+        self.batcher = StepBatcher(backend, self.executor)
+        self.measured_throughput = measured
+        self.throughput, self.block_speed = self._rates(measured)
+        return old
+
+    async def _place(self) -> None:
+        """--blocks auto: pick the span that most raises the swarm's weakest blocks, then load it."""
+        async with self._move_lock:
+            records = await self._swarm_records()
+            placement = autoplace.choose_initial(self.profile(), records, self.manifest, self.spec)
+            backend, measured = await self._load(placement.assignment.span)
+            self._commit(backend, measured)
+            self.placement = placement
+            self._emit("placed", {**placement.as_dict(), "block_speed": round(self.block_speed, 3),
+                                  "memory_bytes": self.memory_bytes})
+
+    async def _rebalance_loop(self) -> None:
+        """Check ``should_move`` every ~rebalance_period s (jittered, so servers do not check in
+        lockstep and all jump to the same blocks); after a move, wait two periods before the next
+        check so the swarm sees the new announcement first."""
+        period = self.settings.rebalance_period
+        last_move = -float("inf")
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=period * random.uniform(0.5, 1.5))
+                return
+            except asyncio.TimeoutError:
+                pass
+            if time.monotonic() - last_move < 2 * period:
+                continue
+            try:
+                if await self.rebalance_once():
+                    last_move = time.monotonic()
+            except Exception as exc:  # a failed check must not take the server down
+                self._emit("rebalance_error", {"error": f"{type(exc).__name__}: {exc}"})
+
+    async def rebalance_once(self) -> bool:
+        """One rebalancing check; moves (load new span, serve it, announce, retire the old one) only
+        if the hysteresis rule still holds after loading. Returns whether it moved."""
+        assert self.node is not None
+        s = self.settings
+        async with self._move_lock:
+            current = Span(self.backend.shard.start, self.backend.shard.end)
+            records = await self.node.fetch(self.model_id)
+            decision = autoplace.check_move(self.profile(), current, records, self.manifest, self.spec,
+                                            s.move_threshold)
+            self._emit("rebalance_check", {"start": current.start, "end": current.end, "move": decision.move,
+                                           "bottleneck": round(decision.current_bottleneck, 3),
+                                           "best_other": round(decision.new_bottleneck, 3),
+                                           "reason": autoplace.describe_move(current, decision, s.move_threshold)})
+            if not decision.move:
+                return False
+            began = time.monotonic()
+            backend, measured = await self._load(decision.span)
+            confirm = autoplace.check_move(self.profile(), current, await self._swarm_records(), self.manifest,
+                                           self.spec, s.move_threshold)
+            if not (confirm.move and confirm.span == decision.span):
+                self._emit("move_abandoned", {"start": current.start, "end": current.end,
+                                              "target": [decision.span.start, decision.span.end],
+                                              "reason": "the swarm changed while loading: "
+                                                        + autoplace.describe_move(current, confirm, s.move_threshold)})
+                return False
+            old_backend, old_batcher = self._commit(backend, measured)
+            self.batcher.start()
+            await self._announce()  # replaces our record: the new span is served and the old one withdrawn
+            self.moves += 1
+            self._emit("moved", {"from": [current.start, current.end], "to": [decision.span.start, decision.span.end],
+                                 "bottleneck_before": round(confirm.current_bottleneck, 3),
+                                 "bottleneck_after": round(confirm.new_bottleneck, 3),
+                                 "throughput": round(self.throughput, 3), "load_s": round(time.monotonic() - began, 3),
+                                 "reason": autoplace.describe_move(current, confirm, s.move_threshold)})
+            await self._retire(old_batcher)
+            return True
+
+    async def _retire(self, batcher: StepBatcher | None, grace: float = 60.0) -> None:
+        """Let steps already queued on the old span finish (bounded), then stop its batcher; its
+        sessions answer every further step with a 'moved' error, so clients fail over."""
+        deadline = time.monotonic() + grace
+        while batcher is not None and self._busy[batcher] > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if batcher is not None:
+            await batcher.stop()
+            self._busy.pop(batcher, None)
+
+    async def _rtt_loop(self) -> None:
+        """Ping up to MAX_RTT_PEERS other servers of the model every rtt_period s; announced."""
+        assert self.node is not None
+        cache = RttCache(self.node, ttl=self.settings.rtt_period, samples=3, timeout=2.0, max_peers=MAX_RTT_PEERS)
+        while not self.stopping.is_set():
+            try:
+                others = [r for r in await self.node.fetch(self.model_id) if r.peer_id != self.node.peer_id]
+                others = random.sample(others, min(len(others), MAX_RTT_PEERS))
+                measured = await cache.measure(others)
+                self.rtt = {peer: round(rtt, 6) for peer, rtt in measured.items() if rtt is not None}
+            except Exception as exc:
+                self._emit("rtt_error", {"error": f"{type(exc).__name__}: {exc}"})
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=self.settings.rtt_period)
+            except asyncio.TimeoutError:
+                pass
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -95,11 +289,18 @@ class ShardServer:
         limits = self.stage.limits if self.stage is not None else TensorLimits(codecs=self.accepted_codecs)
         self.node = await SwarmNode.create(initial_peers=s.initial_peers, host=s.host, port=s.port, limits=limits)
         try:
+            if s.auto:
+                await self._place()
             await self.node.add_stream_handler(INFERENCE_RPC, self._inference)
             await self.node.add_stream_handler(FORWARD_RPC, self._forward)
+            await self.node.add_ping_handler()
             if self.batcher is not None:
                 self.batcher.start()
             await self._announce()
+            if self.stage is None and s.rtt_period > 0:
+                self._tasks.append(asyncio.create_task(self._rtt_loop()))
+            if s.auto and s.rebalance_period > 0:
+                self._tasks.append(asyncio.create_task(self._rebalance_loop()))
             if on_ready is not None:
                 on_ready(self.node.peer_id, await self.node.visible_addrs())
             while not self.stopping.is_set():
@@ -110,6 +311,9 @@ class ShardServer:
                         self.sessions.expire_idle(s.idle_timeout)
                     await self._announce()
         finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             try:
                 await asyncio.wait_for(self.node.withdraw(self.model_id), timeout=5)
             except Exception:
@@ -137,6 +341,11 @@ class ShardServer:
             version=__version__,
             quant=self.settings.quant,
             wire_codec=self.settings.wire_codec,
+            block_speed=round(self.block_speed, 3),
+            memory_bytes=self.memory_bytes,
+            sessions=len(self.sessions),
+            rtt=dict(list(self.rtt.items())[:MAX_RTT_PEERS]),
+            auto=self.settings.auto,
         )
 
     async def _announce(self) -> None:
@@ -177,6 +386,9 @@ class ShardServer:
         """One stream = one session: ``open`` first, then ``step`` messages; freed when the stream ends."""
         session = None
         reply_codec = self.settings.wire_codec
+        # The span a session was opened on: after a move (rebalancing) it is no longer served, and
+        # the session's steps get a 'moved' error so the client fails over and replays elsewhere.
+        sessions, batcher, shard = self.sessions, self.batcher, self.backend.shard
         try:
             async for message in messages:
                 try:
@@ -187,15 +399,21 @@ class ShardServer:
                                          "it answers stage forwards, not inference sessions")
                     if session is None:
                         request = parse_meta(OpenSession, message.meta)
+                        sessions, batcher, shard = self.sessions, self.batcher, self.backend.shard
                         self._check_span(request.model_id, request.start, request.end)
                         reply_codec = self._reply_codec(request.reply_codec)
-                        session = self.sessions.open(request.session_id, request.max_length, request.batch_size, peer)
-                        yield Message(meta=Reply(ok=True, cache_tokens_left=self.sessions.tokens_left).model_dump())
+                        session = sessions.open(request.session_id, request.max_length, request.batch_size, peer)
+                        yield Message(meta=Reply(ok=True, cache_tokens_left=sessions.tokens_left).model_dump())
                         continue
+                    if sessions is not self.sessions:
+                        now = self.backend.shard
+                        raise BadRequest(f"this server moved from blocks {shard.start}:{shard.end} to "
+                                         f"{now.start}:{now.end} (rebalancing): route blocks "
+                                         f"{shard.start}:{shard.end} through another server")
                     step = parse_meta(Step, message.meta)
                     if len(message.tensors) != 1:
                         raise BadRequest(f"a step carries exactly one tensor, got {len(message.tensors)}")
-                    session = self.sessions.get(session.session_id)
+                    session = sessions.get(session.session_id)
                     hidden = message.tensors[0]
                     self.backend.check_hidden(hidden, session.batch_size)
                     if step.position + hidden.shape[1] > session.max_length:
@@ -203,7 +421,11 @@ class ShardServer:
                             f"positions up to {step.position + hidden.shape[1]} exceed the session's "
                             f"max_length {session.max_length}"
                         )
-                    out = await self.batcher.submit(hidden, step.position, session.cache)
+                    self._busy[batcher] += 1
+                    try:
+                        out = await batcher.submit(hidden, step.position, session.cache)
+                    finally:
+                        self._busy[batcher] -= 1
                     session.position = step.position + hidden.shape[1]
                     wire = self._encode(out, reply_codec)
                     yield Message(meta=Reply(ok=True, step=step.step).model_dump(exclude_none=True), tensors=[wire])
@@ -213,7 +435,7 @@ class ShardServer:
                     yield _error(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             if session is not None:
-                self.sessions.close(session.session_id)
+                sessions.close(session.session_id)
 
     async def _forward(self, messages: AsyncIterator[Message], peer: str) -> AsyncIterator[Message]:
         """Stateless forwards: each message is answered on its own, nothing is cached."""
@@ -255,13 +477,15 @@ def serve(settings: ServerSettings, json_events: bool = False) -> None:
 
     def ready(peer_id: str, addrs: list[str]) -> None:
         full = [f"{a}/p2p/{peer_id}" if "/p2p/" not in a else a for a in addrs]
+        shard = server.backend.shard  # with --blocks auto: the span it chose
         if json_events:
             print(json.dumps({"event": "ready", "peer_id": peer_id, "addrs": full, "model_id": server.model_id,
-                              "start": settings.start, "end": settings.end,
+                              "start": shard.start, "end": shard.end,
                               "throughput": server.throughput, "quant": settings.quant,
-                              "wire_codec": settings.wire_codec}), flush=True)
+                              "wire_codec": settings.wire_codec, "auto": settings.auto,
+                              "block_speed": server.block_speed}), flush=True)
         else:
-            print(f"serving {server.backend.shard} as {peer_id}", flush=True)
+            print(f"serving {shard} as {peer_id}", flush=True)
             if server.stage is None:
                 print(f"weights: {settings.quant}; wire codec: {settings.wire_codec} "
                       f"(accepts {', '.join(server.accepted_codecs)})", flush=True)
@@ -270,7 +494,17 @@ def serve(settings: ServerSettings, json_events: bool = False) -> None:
             for addr in full:
                 print(f"  --initial-peers {addr}", flush=True)
 
+    def on_event(kind: str, payload: dict) -> None:
+        """Placement, rebalancing and RTT events: one JSON line each, or one readable line."""
+        if json_events:
+            print(json.dumps({"event": kind, **payload}), flush=True)
+        elif kind in ("placed", "moved", "move_abandoned", "rebalance_check"):
+            print(f"{kind}: {payload['reason']}", flush=True)
+        else:
+            print(f"{kind}: {payload}", flush=True)
+
     server = ShardServer(settings)
+    server.on_event = on_event
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

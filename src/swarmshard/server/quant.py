@@ -25,10 +25,13 @@ from swarmshard.transport.schemas import QuantMode
 QUANT_MODES: tuple[str, ...] = get_args(QuantMode)
 
 # Input features whose |x| exceeds this go through the float32 side of the decomposition. LLM.int8()
-# uses 6.0 for 6.7B+ models; SmolLM2's normalised activations rarely pass 2 but those that do carry
-# most of the int8 error: perplexity on bench/accuracy.py's corpus is +0.9% at 6.0 and +0.15% at 2.0,
-# with ~1.5% of features taken out of int8 on a 512-token prompt (prefill 1.1x, decode 1.3x the
-# float32 speed on one core at 2.0, against 1.2x / 1.4x at 6.0).
+# uses 6.0 for 6.7B+ models; SmolLM2's normalised activations rarely pass 2, but those that do carry
+# most of the int8 error (the int8 step of a token is its largest remaining |x| / 127). On
+# bench/accuracy.py's corpus: perplexity +0.15% at 2.0 against +0.9% at 6.0 (+3.9% on its first
+# 512 tokens with an 8-bit wire, against +0.7% at 2.0). The price is speed: at batch 1 the outlier
+# path runs on most calls, so decoding is 1.2x float32 on one thread but 0.8-0.9x with two, where
+# float32's GEMV parallelises and the int8 path (small ops, a single-threaded int8 matmul) does not
+# (1.1x at 6.0). ~1.5% of features leave int8 on a 512-token prompt.
 INT8_THRESHOLD = 2.0
 
 

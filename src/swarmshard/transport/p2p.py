@@ -6,13 +6,16 @@ A `SwarmNode` owns a libp2p daemon (`p2pd` child process, stopped with its owner
 - DHT records: ``announce`` / ``withdraw`` / ``fetch`` of `ServerRecord`s under one key per model,
   one subkey per peer, with expiration (servers refresh them periodically);
 - RPC: streaming handlers (bidirectional, one message answered by one message) and clients, carrying
-  `Message` (JSON metadata + raw tensors validated by `schemas`).
+  `Message` (JSON metadata + raw tensors validated by `schemas`);
+- round trips: an empty unary ping handler and bounded ``measure_rtts`` (cached by `transport.rtt`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import statistics
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +27,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from swarmshard.transport.codecs import CODECS_KEY, decode_tensor, encode_tensor, header, parse_headers
 from swarmshard.transport.schemas import (
+    PING_RPC,
     Message,
     ServerRecord,
     TensorLimits,
@@ -192,6 +196,54 @@ class SwarmNode:
         await self.p2p.add_protobuf_handler(
             name, _handle, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
+
+    # ---- round-trip times ----------------------------------------------------------------------
+
+    async def add_ping_handler(self) -> None:
+        """Answer empty pings so peers can measure their round trip to us (unary: no new stream)."""
+
+        async def _pong(_: runtime_pb2.ExpertRequest, __: P2PContext) -> runtime_pb2.ExpertResponse:
+            return runtime_pb2.ExpertResponse()
+
+        await self.p2p.add_protobuf_handler(PING_RPC, _pong, runtime_pb2.ExpertRequest)
+
+    async def ping(self, peer_id: str, timeout: float = 2.0) -> float:
+        """Seconds for one empty request and its answer; raises TimeoutError or a daemon error."""
+        peer = PeerID.from_base58(peer_id)
+        begin = time.perf_counter()
+        await asyncio.wait_for(
+            self.p2p.call_protobuf_handler(peer, PING_RPC, runtime_pb2.ExpertRequest(), runtime_pb2.ExpertResponse),
+            timeout,
+        )
+        return time.perf_counter() - begin
+
+    async def measure_rtts(
+        self, records: Sequence[ServerRecord], samples: int = 3, timeout: float = 2.0, concurrency: int = 8
+    ) -> dict[str, float | None]:
+        """Median round trip to each announced server (None: no answer within ``timeout``).
+
+        Bounded: at most ``concurrency`` peers at once, ``samples`` pings each, every connect and
+        ping under ``timeout``, so a dead or unreachable peer costs at most ``samples * timeout``.
+        """
+        gate = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(record: ServerRecord) -> float | None:
+            async with gate:
+                try:
+                    await asyncio.wait_for(self.connect(record), timeout)
+                except Exception:  # timeouts included: the ping below tells whether it matters
+                    pass
+                times = []
+                for _ in range(max(1, samples)):
+                    try:
+                        times.append(await self.ping(record.peer_id, timeout))
+                    except Exception:  # timeouts, unknown protocol (an older server), dead peer
+                        break  # an unreachable peer is not retried here: the caller caches the miss
+                return statistics.median(times) if times else None
+
+        peers = {r.peer_id: r for r in records if r.peer_id != self.peer_id}
+        values = await asyncio.gather(*(one(r) for r in peers.values()))
+        return dict(zip(peers, values))
 
     async def open_stream(self, peer_id: str, name: str) -> "RpcStream":
         stream = RpcStream(self, PeerID.from_base58(peer_id), name)

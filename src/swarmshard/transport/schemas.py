@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 PROTOCOL_VERSION = 1
 INFERENCE_RPC = "swarmshard.inference"  # stream: open a session, then steps
 FORWARD_RPC = "swarmshard.forward"  # stream: stateless forwards
+PING_RPC = "swarmshard.ping"  # unary, empty: round-trip time measurement
+MAX_RTT_PEERS = 16  # peers a server pings and announces round trips to
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
 MAX_TENSOR_DIMS = 4
 # Activation codecs a float tensor may travel in (maths in core/compression, framing in
@@ -140,7 +142,12 @@ class Reply(_Strict):
 
 
 class ServerRecord(_Strict):
-    """What a server announces in the DHT (an expiring record, refreshed periodically)."""
+    """What a server announces in the DHT (an expiring record, refreshed periodically).
+
+    Fields a newer server adds are ignored, so clients keep routing through a rolling upgrade.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     peer_id: str
     model_id: str
@@ -158,6 +165,14 @@ class ServerRecord(_Strict):
     # its --wire-codec (its default reply codec and the most bytes per value it accepts).
     quant: QuantMode = "none"
     wire_codec: WireCodec = "none"
+    # The server's measured profile (placement and routing inputs; 0 / empty: not announced, as in
+    # records of older servers): decode tokens/s through ONE block, the memory its span was sized
+    # for, open inference sessions (its load), and round-trip seconds to peers it pinged.
+    block_speed: float = Field(0.0, ge=0.0)
+    memory_bytes: int = Field(0, ge=0)
+    sessions: int = Field(0, ge=0)
+    rtt: dict[str, Annotated[float, Field(ge=0.0)]] = Field(default_factory=dict, max_length=MAX_RTT_PEERS)
+    auto: bool = False  # --blocks auto: it chose its span and may move to another one
 
 
 @dataclass

@@ -1,0 +1,77 @@
+"""Routing with real inputs: measured round trips and server load spread sessions over replicas."""
+
+from __future__ import annotations
+
+import pytest
+
+from swarmshard.core.routing import Candidate, NoRoute, choose_route, hop_cost, spread_routes, with_load
+
+
+def c(peer, start, end, throughput=100.0, cache=1000, rtt=0.001, load=0.0):
+    return Candidate(peer, start, end, throughput, cache, rtt, load)
+
+
+def peers(route):
+    return [h.peer_id for h in route]
+
+
+def test_hop_cost_adds_a_step_of_compute_per_session_already_served():
+    assert hop_cost(c("a", 0, 1, throughput=50, rtt=0.01)) == pytest.approx(0.01 + 1 / 50)
+    assert hop_cost(c("a", 0, 1, throughput=50, rtt=0.01, load=3)) == pytest.approx(0.01 + 4 / 50)
+    assert hop_cost(c("a", 0, 1, throughput=50, rtt=0.01, load=3), load_penalty=0.5) == pytest.approx(0.01 + 2.5 / 50)
+    assert hop_cost(c("a", 0, 1, throughput=50, rtt=0.01, load=3), load_penalty=0.0) == pytest.approx(0.01 + 1 / 50)
+    with pytest.raises(ValueError, match="load_penalty must be >= 0"):
+        hop_cost(c("a", 0, 1), load_penalty=-1)
+
+
+def test_measured_round_trip_decides_between_equal_replicas():
+    near, far = c("near", 0, 4, rtt=0.002), c("far", 0, 4, rtt=0.080)
+    assert peers(choose_route([far, near], 4)) == ["near"]
+    # a faster but far server loses once the round trip outweighs its compute advantage
+    assert peers(choose_route([c("far-fast", 0, 4, 1000, rtt=0.050), c("near-slow", 0, 4, 50, rtt=0.001)], 4)) == [
+        "near-slow"]
+
+
+def test_a_busy_replica_sends_the_next_session_to_an_idle_one():
+    busy, idle = c("busy", 0, 4, load=2), c("idle", 0, 4)
+    assert peers(choose_route([busy, idle], 4)) == ["idle"]
+    assert peers(choose_route([busy, idle], 4, load_penalty=0.0)) == ["busy"]  # first listed wins the tie
+
+
+def test_load_can_make_a_two_hop_chain_cheaper_than_a_busy_whole_span():
+    whole = c("whole", 0, 10, throughput=100, load=3)  # 0.001 + 4/100
+    a, b = c("a", 0, 5, throughput=100), c("b", 5, 10, throughput=100)  # 2 * (0.001 + 1/100)
+    assert peers(choose_route([whole, a, b], 10)) == ["a", "b"]
+    assert peers(choose_route([c("whole", 0, 10, throughput=100), a, b], 10)) == ["whole"]
+
+
+def test_with_load_adds_only_where_given():
+    cands = [c("a", 0, 2, load=1), c("b", 0, 2)]
+    out = with_load(cands, {"b": 2, "x": 5})
+    assert [(x.peer_id, x.load) for x in out] == [("a", 1), ("b", 2)]
+    assert cands[1].load == 0  # candidates are values: the input is untouched
+
+
+def test_parallel_sessions_spread_over_equal_replicas():
+    routes = spread_routes([c("r1", 0, 6), c("r2", 0, 6)], 6, sessions=4)
+    assert [peers(r) for r in routes] == [["r1"], ["r2"], ["r1"], ["r2"]]
+
+
+def test_parallel_sessions_favour_a_faster_replica_in_proportion():
+    # fast: (1 + k) / 250 per token with k sessions on it; slow: (1 + k) / 100
+    routes = spread_routes([c("fast", 0, 6, 250, rtt=0.0), c("slow", 0, 6, 100, rtt=0.0)], 6, sessions=4)
+    assert [peers(r)[0] for r in routes] == ["fast", "fast", "slow", "fast"]
+
+
+def test_parallel_sessions_run_out_of_cache_with_a_clear_error():
+    cands = [c("a", 0, 3, cache=100), c("b", 3, 6, cache=250)]
+    assert len(spread_routes(cands, 6, sessions=1, need_tokens=100)) == 1
+    with pytest.raises(NoRoute, match="blocks 0-2 of 6"):
+        spread_routes(cands, 6, sessions=2, need_tokens=100)
+    with pytest.raises(ValueError, match="sessions must be >= 0"):
+        spread_routes(cands, 6, sessions=-1)
+
+
+def test_spread_respects_bans():
+    routes = spread_routes([c("a", 0, 6), c("b", 0, 6), c("c", 0, 6)], 6, sessions=3, banned={"b"})
+    assert sorted(peers(r)[0] for r in routes) == ["a", "a", "c"]
