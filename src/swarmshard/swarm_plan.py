@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from rich.table import Table
 
+from swarmshard.core.routing import block_ranges
 from swarmshard.core.placement import (
     ModelSpec,
     NodeProfile,
@@ -227,17 +228,6 @@ def make_swarm_plan(swarm: SwarmFile, home: str | None = None, seed: int = 0, ex
     return SwarmPlan(name, spec, profiles, plan, per_block, optimum)
 
 
-def _ranges(blocks: list[int]) -> str:
-    parts, i = [], 0
-    while i < len(blocks):
-        j = i
-        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
-            j += 1
-        parts.append(f"{blocks[i]}" if i == j else f"{blocks[i]}-{blocks[j]}")
-        i = j + 1
-    return ", ".join(parts)
-
-
 def swarm_table(result: SwarmPlan) -> tuple[Table, list[str]]:
     """The per-node table and the summary lines under it."""
     m = result.model
@@ -254,7 +244,7 @@ def swarm_table(result: SwarmPlan) -> tuple[Table, list[str]]:
     low = float(T.min())
     weakest = [int(j) for j in np.flatnonzero(T <= low + 1e-9 * max(1.0, abs(low)))]
     lines = [
-        f"bottleneck {result.plan.bottleneck:.2f} tok/s (weakest blocks {_ranges(weakest)}); no placement of these "
+        f"bottleneck {result.plan.bottleneck:.2f} tok/s (weakest blocks {block_ranges(weakest)}); no placement of these "
         f"nodes can exceed {result.plan.upper_bound:.2f} tok/s, so this plan is >= {100 * result.certified:.1f}% "
         "of the optimum",
     ]
@@ -265,5 +255,5 @@ def swarm_table(result: SwarmPlan) -> tuple[Table, list[str]]:
         lines.append(f"not placed (cannot hold one block): {', '.join(result.unused)}")
     uncovered = [j for j in range(m.num_blocks) if T[j] <= 0]
     if uncovered:
-        lines.append(f"blocks {_ranges(uncovered)} cannot be served: the nodes' memory does not cover the model")
+        lines.append(f"blocks {block_ranges(uncovered)} cannot be served: the nodes' memory does not cover the model")
     return table, lines

@@ -64,7 +64,8 @@ def missing_blocks(candidates: Sequence[Candidate], n_blocks: int, start: int = 
     return [b for b in range(start, end) if not covered[b]]
 
 
-def _ranges(blocks: Sequence[int]) -> str:
+def block_ranges(blocks: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` → ``"0-2, 5, 7-8"``: block lists as people read them."""
     parts, i = [], 0
     while i < len(blocks):
         j = i
@@ -93,7 +94,7 @@ def choose_route(
     usable = [c for c in candidates if c.peer_id not in banned and c.cache_tokens_left >= need_tokens]
     gaps = missing_blocks(usable, n_blocks, start, end)
     if gaps:
-        raise NoRoute(f"no usable server holds blocks {_ranges(gaps)} of {n_blocks}", gaps)
+        raise NoRoute(f"no usable server holds blocks {block_ranges(gaps)} of {n_blocks}", gaps)
     by_start: dict[int, list[Candidate]] = {}
     for c in usable:
         if start <= c.start < c.end <= end:

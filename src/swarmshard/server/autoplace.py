@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from swarmshard.core.routing import block_ranges
 from swarmshard.core.placement import (
     Assignment,
     ModelSpec,
@@ -109,20 +110,9 @@ def trusted_assignments(records: Sequence[ServerRecord], manifest: Manifest) -> 
     return out
 
 
-def _ranges(blocks: Sequence[int]) -> str:
-    parts, i = [], 0
-    while i < len(blocks):
-        j = i
-        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
-            j += 1
-        parts.append(f"{blocks[i]}" if i == j else f"{blocks[i]}-{blocks[j]}")
-        i = j + 1
-    return ", ".join(parts)
-
-
 def _weakest(per_block: np.ndarray) -> str:
     low = float(per_block.min())
-    return _ranges([int(j) for j in np.flatnonzero(per_block <= low + 1e-9 * max(1.0, abs(low)))])
+    return block_ranges([int(j) for j in np.flatnonzero(per_block <= low + 1e-9 * max(1.0, abs(low)))])
 
 
 @dataclass(frozen=True)
