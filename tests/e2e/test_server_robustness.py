@@ -10,10 +10,9 @@ import psutil
 import pytest
 import torch
 
-from swarmshard.aio import LoopThread
 from swarmshard.demo import chat_input_ids, local_generate
-from swarmshard.transport.p2p import SwarmNode
-from swarmshard.transport.schemas import INFERENCE_RPC, Message
+from swarmshard.transport.schemas import Message
+from tests.e2e.raw_peer import raw_peer
 
 pytestmark = pytest.mark.slow
 
@@ -23,32 +22,12 @@ OPEN = {"kind": "open", "session_id": "test-session-0001", "model_id": "smollm2-
 
 @pytest.fixture(scope="module")
 def raw(smol_swarm):
-    loop = LoopThread()
-    node = loop.run(SwarmNode.create(initial_peers=smol_swarm.initial_peers, client_mode=True), timeout=60)
-    yield loop, node, smol_swarm.servers[0].peer_id
-    loop.run(node.shutdown(), timeout=20)
-    loop.stop()
-
-
-def _exchange(raw, messages: list[Message]) -> list[dict]:
-    loop, node, peer = raw
-
-    async def go():
-        stream = await node.open_stream(peer, INFERENCE_RPC)
-        try:
-            replies = []
-            for m in messages:
-                reply = await stream.send(m)
-                replies.append({**reply.meta, "shapes": [tuple(t.shape) for t in reply.tensors]})
-            return replies
-        finally:
-            await stream.close()
-
-    return loop.run(go(), timeout=60)
+    with raw_peer(smol_swarm) as peer:
+        yield peer
 
 
 def test_malformed_requests_get_named_errors(raw):
-    replies = _exchange(raw, [
+    replies = raw.exchange([
         Message(meta={"kind": "open", "session_id": "x"}),                      # malformed open
         Message(meta={**OPEN, "start": 5}),                                     # wrong span
         Message(meta={**OPEN, "model_id": "other-model"}),                      # wrong model
@@ -80,7 +59,7 @@ def test_malformed_requests_get_named_errors(raw):
 
 
 def test_server_still_serves_correctly_after_bad_input(raw, smol_client, smol_local):
-    _exchange(raw, [Message(meta={"garbage": True})])
+    raw.exchange([Message(meta={"garbage": True})])
     ids = chat_input_ids(smol_client.tokenizer, "Name a fruit.")
     out = smol_client.generate(ids, max_new_tokens=8)
     expected, _ = local_generate(smol_local, ids, 8)

@@ -16,13 +16,12 @@ import sys
 import pytest
 import torch
 
-from swarmshard.aio import LoopThread
 from swarmshard.client.model import CodecRefused, DistributedModelForCausalLM
 from swarmshard.demo import chat_input_ids, wait_for_route
 from swarmshard.launch import LocalSwarm
 from swarmshard.transport.codecs import encode_tensor
-from swarmshard.transport.p2p import SwarmNode
-from swarmshard.transport.schemas import INFERENCE_RPC, Message, WireTensor
+from swarmshard.transport.schemas import Message, WireTensor
+from tests.e2e.raw_peer import raw_peer
 
 pytestmark = pytest.mark.slow
 
@@ -138,28 +137,8 @@ def test_a_client_sending_uncompressed_states_is_not_routed_there(int8_swarm, st
 
 @pytest.fixture(scope="module")
 def raw(int8_swarm):
-    loop = LoopThread()
-    node = loop.run(SwarmNode.create(initial_peers=int8_swarm.initial_peers, client_mode=True), timeout=60)
-    yield loop, node, int8_swarm.servers[0].peer_id
-    loop.run(node.shutdown(), timeout=20)
-    loop.stop()
-
-
-def _exchange(raw, messages: list[Message]) -> list[dict]:
-    loop, node, peer = raw
-
-    async def go():
-        stream = await node.open_stream(peer, INFERENCE_RPC)
-        try:
-            replies = []
-            for m in messages:
-                reply = await stream.send(m)
-                replies.append({**reply.meta, "codecs": reply.codecs, "shapes": [tuple(t.shape) for t in reply.tensors]})
-            return replies
-        finally:
-            await stream.close()
-
-    return loop.run(go(), timeout=120)
+    with raw_peer(int8_swarm) as peer:
+        yield peer
 
 
 def test_refused_codecs_and_malformed_payloads_get_named_errors_and_the_server_stays_up(raw):
@@ -172,7 +151,7 @@ def test_refused_codecs_and_malformed_payloads_get_named_errors_and_the_server_s
     nan_scales = WireTensor(good.buffer[:-4] + torch.tensor([float("nan")]).numpy().tobytes(),
                             good.shape, good.dtype, good.codec, good.block_size)
     bad_block = WireTensor(good.buffer, good.shape, good.dtype, good.codec, 0)
-    replies = _exchange(raw, [
+    replies = raw.exchange([
         Message(meta={**open_, "reply_codec": "none"}),                         # more bytes than allowed
         Message(meta={**open_, "reply_codec": "fp16"}),
         Message(meta={**open_, "reply_codec": "brotli"}),                       # not a codec
