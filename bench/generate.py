@@ -17,6 +17,9 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# swarmshard before torch: its process settings (OpenMP spin, see swarmshard/__init__.py) then hold
+# for this whole process, i.e. for the client and the local baseline alike.
+import swarmshard  # noqa: E402, F401
 import torch  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
