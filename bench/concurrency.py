@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import swarmshard  # noqa: E402, F401  (before torch: its OpenMP settings, see swarmshard/__init__.py)
 import psutil  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils import logging  # noqa: E402

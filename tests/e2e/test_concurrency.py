@@ -28,8 +28,11 @@ def test_eight_concurrent_sessions_equal_sequential(smol_client, smol_local):
     tok = smol_client.tokenizer
     prompts = [torch.tensor([tok(p)["input_ids"]]) for p in PROMPTS]
     sequential = [smol_client.generate(p, max_new_tokens=NEW_TOKENS)[0].tolist() for p in prompts]
+    calls, rows = smol_client.head.calls, smol_client.head.rows
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
         concurrent = list(pool.map(lambda p: smol_client.generate(p, max_new_tokens=NEW_TOKENS)[0].tolist(), prompts))
+    # the sessions' heads were computed together (client/rows.py), not once per session and token
+    assert smol_client.head.rows - rows > smol_client.head.calls - calls
     for seq, conc in zip(sequential, concurrent):
         if seq == conc:
             continue

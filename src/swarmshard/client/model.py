@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from swarmshard.aio import LoopThread
+from swarmshard.client.rows import RowBatcher
 from swarmshard.client.session import BanList, RemoteSession, remote_forward
 from swarmshard.core.routing import DEFAULT_LOAD_PENALTY, Candidate, NoRoute, RouteHop, choose_route
 from swarmshard.core.store import Manifest, ModelStore
@@ -123,6 +124,8 @@ class DistributedModelForCausalLM:
         self.generation_config = store.load_generation_config(manifest)
         self.tokenizer = store.load_tokenizer(manifest)
         self.client = store.load_client(manifest)
+        # Sessions generating concurrently (threads) share one head pass per round: see client/rows.py.
+        self.head = RowBatcher(self.client.head)
         self.timeout = timeout
         self._loop = LoopThread()
         try:
@@ -295,7 +298,7 @@ class DistributedModelForCausalLM:
         start = session.position
         positions = torch.arange(start, start + input_ids.shape[1]).unsqueeze(0).expand(input_ids.shape[0], -1)
         hidden = session.step(self.client.embed(input_ids, positions))
-        return self.client.head(hidden[:, -1:])[:, -1]
+        return self.head(hidden[:, -1:])[:, -1]
 
     def generate(
         self,
