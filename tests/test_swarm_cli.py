@@ -147,6 +147,7 @@ def test_simulate_bad_options_are_named(args, message):
     (["--blocks", "auto", "--block-speed", "0"], "--block-speed must be positive"),
     (["--blocks", "0:3", "--rebalance-period", "5"], "only a --blocks auto server rebalances"),
     (["--blocks", "autom"], "must look like START:END"),
+    (["--blocks", "0:3", "--threads", "0"], "must be at least 1, got 0"),
 ])
 def test_serve_auto_refuses_bad_options_before_joining(store, store_home, tiny_model_dirs, args, message):
     path = str(tiny_model_dirs["tiny-llama"])

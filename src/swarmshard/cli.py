@@ -72,6 +72,9 @@ def serve(
                                          "swarm's bottleneck grows by more than this factor."),
     rtt_period: float = typer.Option(60.0, "--rtt-period", help="Seconds between pings of the other servers "
                                      "(round trips are announced; 0: never)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for this server's compute "
+                                          "(default: all cores; lower it when servers on one machine compute "
+                                          "at the same time)."),
 ) -> None:
     """Serve a contiguous span of a model's blocks (or one stage of a graph plan) until SIGINT/SIGTERM."""
     from swarmshard.core.shard import parse_span
@@ -83,6 +86,12 @@ def serve(
     _quiet_transformers()
     if not initial_peers and not new_swarm:
         raise typer.BadParameter("give --initial-peers ADDR (join a swarm) or --new-swarm", param_hint="--initial-peers")
+    if threads is not None:
+        if threads < 1:
+            raise typer.BadParameter(f"must be at least 1, got {threads}", param_hint="--threads")
+        import torch
+
+        torch.set_num_threads(threads)
     if graph is not None and (quant != "none" or wire_codec != "none"):
         raise typer.BadParameter("--quant and --wire-codec apply to spans of blocks, not to graph stages",
                                  param_hint="--graph")
