@@ -83,39 +83,3 @@ def test_batcher_stacks_concurrent_decode_and_isolates_errors(backends):
     assert after_prefill == 4  # four same-length fresh prompts: one stacked prefill
     assert batcher.stacked_steps == 8  # then four decode steps stacked; the refused one ran alone
     assert all(c.get_seq_length() == 4 for c in caches)
-
-
-def test_batcher_waits_for_an_active_session_but_not_for_a_lone_one(backends):
-    """Two sessions that stepped together: when one step comes a little late, the round waits for
-    it (one stacked round, not two); a lone session's steps never wait; a closed one is forgotten."""
-    backend = backends["tiny-llama"]
-
-    async def scenario():
-        batcher = StepBatcher(backend, ThreadPoolExecutor(1))
-        batcher.start()
-        lone = backend.new_cache()
-        await batcher.submit(torch.randn(1, 3, 64), 0, lone)
-        for position in (3, 4, 5):
-            await batcher.submit(torch.randn(1, 1, 64), position, lone)
-        lone_wait = batcher.waited_s
-        batcher.forget(lone)
-
-        caches = [backend.new_cache() for _ in range(2)]
-        await asyncio.gather(*(batcher.submit(torch.randn(1, 3, 64), 0, c) for c in caches))
-        await asyncio.gather(*(batcher.submit(torch.randn(1, 1, 64), 3, c) for c in caches))
-        batcher._round_s = 0.5  # rounds "take" 0.5 s, so up to _MAX_WAIT_S is worth waiting
-
-        async def late(cache, delay):
-            await asyncio.sleep(delay)
-            return await batcher.submit(torch.randn(1, 1, 64), 4, cache)
-
-        rounds, stacked = batcher.rounds, batcher.stacked_steps
-        await asyncio.gather(late(caches[0], 0.0), late(caches[1], 0.03))
-        result = (lone_wait, batcher.rounds - rounds, batcher.stacked_steps - stacked, batcher.waited_s)
-        await batcher.stop()
-        return result
-
-    lone_wait, rounds, stacked, waited = asyncio.run(scenario())
-    assert lone_wait == 0.0
-    assert rounds == 1 and stacked == 2  # the late step joined its partner's round
-    assert 0.0 < waited < 1.0

@@ -87,13 +87,6 @@ def stacked_prefill(backend: SpanBackend, hidden: Sequence[torch.Tensor], caches
 
 
 _GATHER_YIELDS = 3
-# A session that stepped within this many seconds is expected to step again soon.
-_ACTIVE_S = 1.0
-# How long a round may wait for expected steps, in rounds' compute time (at most _MAX_WAIT_S).
-# Sessions flowing through a chain drift into groups a round or two apart; every extra round
-# re-reads all the span's weights, so waiting to merge the groups back into one batch pays.
-_WAIT_SHARE = 2.0
-_MAX_WAIT_S = 0.1
 
 
 @dataclass
@@ -118,11 +111,8 @@ class StepBatcher:
         self.stackable = supports_stacking(backend.config)
         self._queue: asyncio.Queue[_Work] = asyncio.Queue()
         self._task: asyncio.Task | None = None
-        self._last_step: dict[int, float] = {}  # id(cache) -> loop time of its last step
-        self._round_s = 0.0  # moving average of a round's compute time
         self.rounds = 0
         self.stacked_steps = 0
-        self.waited_s = 0.0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -145,21 +135,15 @@ class StepBatcher:
                 await asyncio.sleep(0)
             while not self._queue.empty() and len(work) < self.max_batch:
                 work.append(self._queue.get_nowait())
-            await self._wait_for_expected(work)
             work = [w for w in work if not w.future.cancelled()]
             if not work:
                 continue
             groups = self._group(work)
             self.rounds += 1
-            began = loop.time()
             if self.inline:
                 results = self._compute(groups)
             else:
                 results = await loop.run_in_executor(self.executor, self._compute, groups)
-            now = loop.time()
-            self._round_s = 0.8 * self._round_s + 0.2 * (now - began) if self._round_s else now - began
-            for w in work:
-                self._last_step[id(w.cache)] = now
             for group, outcome in zip(groups, results):
                 for item, value in zip(group, outcome if isinstance(outcome, list) else [outcome] * len(group)):
                     if item.future.done():
@@ -168,40 +152,6 @@ class StepBatcher:
                         item.future.set_exception(value)
                     else:
                         item.future.set_result(value)
-
-    async def _wait_for_expected(self, work: list[_Work]) -> None:
-        """Continuous batching across sessions that drift apart: sessions that stepped recently
-        but have no step queued yet usually arrive within a fraction of a round (their clients are
-        forwarding the previous hop's replies); wait for them, bounded, so they share this round.
-        A lone session never waits."""
-        if not self.stackable:
-            return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for key in [k for k, t in self._last_step.items() if now - t > _ACTIVE_S]:
-            del self._last_step[key]
-        queued = {id(w.cache) for w in work}
-        missing = sum(1 for key in self._last_step if key not in queued)
-        if not missing:
-            return
-        deadline = now + min(_WAIT_SHARE * self._round_s, _MAX_WAIT_S)
-        while missing and len(work) < self.max_batch:
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            try:
-                item = await asyncio.wait_for(self._queue.get(), left)
-            except asyncio.TimeoutError:
-                break
-            work.append(item)
-            if id(item.cache) in self._last_step and id(item.cache) not in queued:
-                missing -= 1
-            queued.add(id(item.cache))
-        self.waited_s += loop.time() - now
-
-    def forget(self, cache: DynamicCache) -> None:
-        """A closed session is no longer waited for."""
-        self._last_step.pop(id(cache), None)
 
     def _group(self, work: list[_Work]) -> list[list[_Work]]:
         """Decode steps together, same-length fresh prompts together, everything else alone."""

@@ -435,8 +435,6 @@ class ShardServer:
                     yield _error(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             if session is not None:
-                if batcher is not None:
-                    batcher.forget(session.cache)
                 sessions.close(session.session_id)
 
     async def _forward(self, messages: AsyncIterator[Message], peer: str) -> AsyncIterator[Message]:
