@@ -5,7 +5,11 @@ Prints JSON lines, all from one run on one swarm (3 spans × 2 replicas of the d
   {"name": "server_rss_mb", "sessions_opened": 0|250|500, "value": ..., ...}
   {"name": "recovery_s", "value": ..., "unit": "s", ...}   (a serving process SIGKILLed mid-generation)
 
-    python bench/concurrency.py [--new-tokens 32] [--repeats 2]
+    python bench/concurrency.py [--new-tokens 32] [--repeats 2] [--server-threads 1]
+
+The six servers share this machine's cores and, with many sessions, compute at the same time; by
+default each runs with ``--threads 1`` (README: servers sharing a machine). ``--server-threads 0``
+leaves torch's default (all cores per server). Every line carries ``server_threads``.
 """
 
 from __future__ import annotations
@@ -61,12 +65,14 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sessions", default="1,4,16")
     parser.add_argument("--churn", type=int, default=500, help="sessions opened and closed for the RSS check")
+    parser.add_argument("--server-threads", type=int, default=1, help="serve --threads for every server (0: default)")
     args = parser.parse_args()
     logging.set_verbosity_error()
 
     manifest = ModelStore().resolve(args.model, progress=False)
     spans = even_spans(manifest.n_blocks, 3)
-    with LocalSwarm(args.model, spans * 2, cache_tokens=65536) as swarm:
+    threads = ["--threads", str(args.server_threads)] if args.server_threads > 0 else []
+    with LocalSwarm(args.model, spans * 2, cache_tokens=65536, server_args=threads) as swarm:
         client = DistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
         try:
             wait_for_route(client)
@@ -78,7 +84,8 @@ def main() -> int:
                 value = statistics.median(runs)
                 base = value if base is None else base
                 emit(name="aggregate_tokens_per_s", sessions=n, value=round(value, 2), unit="tok/s",
-                     ratio_vs_1=round(value / base, 2), runs=[round(r, 2) for r in runs])
+                     ratio_vs_1=round(value / base, 2), runs=[round(r, 2) for r in runs],
+                     server_threads=args.server_threads or torch.get_num_threads())
 
             route_pids = [n.pid for n in swarm.servers if n.peer_id in {h.peer_id for h in client.last_route}]
             ids = prompts[0][:, :8]
