@@ -130,7 +130,8 @@ def _replace(wire: WireTensor, **changes) -> WireTensor:
     [
         (_replace(_good(), buffer=_good().buffer[:-1]), r"blockwise8 tensor of shape \[1, 3, 64\] float32 with block size 64 needs 204 buffer bytes, got 203"),
         (_replace(_good(), buffer=_good().buffer + b"\0"), "needs 204 buffer bytes, got 205"),
-        (_replace(_good("blockwise4"), buffer=_good("blockwise4").buffer[:-4]), "blockwise4 tensor .* needs 108 buffer bytes, got 104"),
+        # 64 features, 5 wide: 8 bitmap + 96 code + 8 low-nibble bytes, 3 + 1 bfloat16 scales
+        (_replace(_good("blockwise4"), buffer=_good("blockwise4").buffer[:-4]), "blockwise4 tensor .* needs 120 buffer bytes, got 116"),
         (_replace(_good(), block_size=32), "with block size 32 needs 216 buffer bytes, got 204"),
         (_replace(_good(), block_size=0), "needs a block size in 1..65536, got 0"),
         (_replace(_good("fp16"), block_size=64), "codec 'fp16' takes no block size"),
@@ -161,6 +162,14 @@ def test_bad_block_scales_are_refused(bad):
     scales[1] = bad
     with pytest.raises(WireError, match="malformed blockwise8 tensor: .*scales must be finite and non-negative"):
         decode_tensor(_with_scales(wire, scales), TensorLimits())
+
+
+def test_bad_blockwise4_feature_bitmap_is_refused():
+    wire = _good("blockwise4")  # (1, 3, 64): the first 8 bytes mark the 5 wide features
+    bitmap = bytearray(wire.buffer[:8])
+    bitmap[next(i for i, b in enumerate(bitmap) if b)] = 0
+    with pytest.raises(WireError, match="malformed blockwise4 tensor: .*bitmap must mark 5 of 64 features"):
+        decode_tensor(_replace(wire, buffer=bytes(bitmap) + wire.buffer[8:]), TensorLimits())
 
 
 def test_decoded_size_is_bounded_before_allocation():

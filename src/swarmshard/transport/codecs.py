@@ -6,8 +6,14 @@ as one `runtime_pb2.Tensor` whose ``size``/``dtype`` are those of the *decoded* 
 
 - ``none``: the raw values (exactly what the transport sent before codecs existed);
 - ``fp16``: the values cast to float16;
-- ``blockwise8`` / ``blockwise4``: one uint8 code per value (two 4-bit codes per byte, the first in
-  the low nibble), then one little-endian float32 absmax per block of ``block_size`` values.
+- ``blockwise8``: one uint8 code per value, then one little-endian float32 absmax per block of
+  ``block_size`` values;
+- ``blockwise4`` (`compression.SplitBlockwiseCodec`): a bitmap of the tensor's "wide" features
+  (``features // 12`` of its last dimension, sent with 8-bit codes), one 4-bit code per value (two
+  per byte, the first in the low nibble; a wide value's slot holds the high nibble of its 8-bit
+  code), the low nibbles of the wide values, then little-endian bfloat16 block scales (those of the
+  4-bit codes, then those of the wide values). The lengths follow from shape and block size
+  (`SplitBlockwiseCodec.layout`); the bitmap must mark exactly ``features // 12`` features.
 
 Each message's JSON metadata lists the codec and block size of each of its tensors under
 `CODECS_KEY` (absent when every tensor is ``none``), so a message is self-describing and the
@@ -46,7 +52,7 @@ CODECS_KEY = "__codecs__"  # reserved metadata key: one `TensorCodec` per tensor
 MAX_BLOCK_SIZE = 1 << 16
 BLOCKWISE = ("blockwise8", "blockwise4")
 _FLOAT_WIRE_DTYPES = ("float32", "float16", "bfloat16")
-_SCALE_BYTES = 4  # float32 block scales
+_SCALE_DTYPES = {"blockwise8": torch.float32, "blockwise4": torch.bfloat16}  # block scales on the wire
 
 if set(WIRE_CODECS) != set(compression.CODECS):  # a codec added to core must be framed here too
     raise ImportError(f"wire codecs {WIRE_CODECS} differ from core codecs {sorted(compression.CODECS)}")
@@ -82,8 +88,10 @@ def buffer_nbytes(codec: str, shape: tuple[int, ...] | list[int], dtype: str, bl
         return n * WIRE_DTYPES[dtype].itemsize
     if codec == "fp16":
         return 2 * n
-    codes = n if codec == "blockwise8" else -(-n // 2)
-    return codes + -(-n // block_size) * _SCALE_BYTES
+    if codec == "blockwise4":
+        layout = compression.CODECS["blockwise4"].layout(tuple(shape), block_size)
+        return layout.payload + layout.scales * _SCALE_DTYPES[codec].itemsize
+    return n + -(-n // block_size) * _SCALE_DTYPES[codec].itemsize
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -110,7 +118,7 @@ def encode_tensor(tensor: torch.Tensor, codec: str = "none") -> WireTensor:
         raise WireError(f"cannot encode a {dtype} tensor of shape {list(data.shape)} as {codec}: {exc}") from None
     buffer = _tensor_bytes(enc.payload)
     if enc.scales is not None:
-        buffer += _tensor_bytes(enc.scales.to(torch.float32))
+        buffer += _tensor_bytes(enc.scales.to(_SCALE_DTYPES[codec]))
     return WireTensor(buffer, tuple(data.shape), dtype, codec, enc.block_size)
 
 
@@ -156,9 +164,12 @@ def decode_tensor(wire: WireTensor, limits: TensorLimits) -> torch.Tensor:
     if codec == "fp16":
         payload, scales = torch.frombuffer(raw, dtype=torch.float16), None
     else:
-        n_codes = expected - -(-n // block) * _SCALE_BYTES
+        scale_dtype = _SCALE_DTYPES[codec]
+        n_codes = expected - -(-n // block) * scale_dtype.itemsize
+        if codec == "blockwise4":
+            n_codes = compression.CODECS["blockwise4"].layout(tuple(shape), block).payload
         payload = torch.frombuffer(raw, dtype=torch.uint8, count=n_codes)
-        scales = torch.frombuffer(raw, dtype=torch.float32, offset=n_codes)
+        scales = torch.frombuffer(raw, dtype=scale_dtype, offset=n_codes)
     enc = compression.Encoded(codec, tuple(shape), torch_dtype, block, payload, scales)
     try:
         return compression.decode(enc)
