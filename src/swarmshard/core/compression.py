@@ -629,7 +629,6 @@ class SplitBlockwiseCodec:
         flat = x.detach().reshape(-1)
         rows, d, k = lay.rows, lay.features, lay.wide
         x2 = flat.view(rows, d)
-        step = max(1, (_GRAIN - 1) // d)  # rows per chunk: see _GRAIN
         # Score: sum of squares per feature (numpy's einsum: one pass, no temporary, one
         # thread). float32 squares overflow past 1.8e19: then (or for a non-finite input,
         # which is refused) the sums are taken again in float64.

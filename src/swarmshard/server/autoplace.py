@@ -33,7 +33,7 @@ from swarmshard.core.store import Manifest
 from swarmshard.transport.schemas import ServerRecord
 
 # Bytes per activation value on the wire, relative to float32 (transport/codecs.py; the blockwise
-# codecs carry one float32 scale per block of codes).
+# codecs carry block scales, and blockwise4 a bitmap and 8-bit codes for its widest features).
 WIRE_RATIO = {"none": 1.0, "fp16": 0.5, "blockwise8": 0.27, "blockwise4": 0.15}
 # int8 weights (server/quant.py) take ~0.25x of float32 plus outlier columns and scales; 0.3 keeps
 # the span's memory estimate on the safe side.

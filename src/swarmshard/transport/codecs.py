@@ -52,7 +52,6 @@ CODECS_KEY = "__codecs__"  # reserved metadata key: one `TensorCodec` per tensor
 MAX_BLOCK_SIZE = 1 << 16
 BLOCKWISE = ("blockwise8", "blockwise4")
 _FLOAT_WIRE_DTYPES = ("float32", "float16", "bfloat16")
-_SCALE_DTYPES = {"blockwise8": torch.float32, "blockwise4": torch.bfloat16}  # block scales on the wire
 
 if set(WIRE_CODECS) != set(compression.CODECS):  # a codec added to core must be framed here too
     raise ImportError(f"wire codecs {WIRE_CODECS} differ from core codecs {sorted(compression.CODECS)}")
@@ -88,10 +87,19 @@ def buffer_nbytes(codec: str, shape: tuple[int, ...] | list[int], dtype: str, bl
         return n * WIRE_DTYPES[dtype].itemsize
     if codec == "fp16":
         return 2 * n
+    code_bytes, n_scales, scale_dtype = _blockwise_parts(codec, shape, block_size)
+    return code_bytes + n_scales * scale_dtype.itemsize
+
+
+def _blockwise_parts(codec: str, shape, block_size: int) -> tuple[int, int, torch.dtype]:
+    """A blockwise codec's buffer: code bytes, then this many scales of this dtype (the core
+    codec's own ``scale_dtype``)."""
+    core = compression.CODECS[codec]
     if codec == "blockwise4":
-        layout = compression.CODECS["blockwise4"].layout(tuple(shape), block_size)
-        return layout.payload + layout.scales * _SCALE_DTYPES[codec].itemsize
-    return n + -(-n // block_size) * _SCALE_DTYPES[codec].itemsize
+        layout = core.layout(tuple(shape), block_size)
+        return layout.payload, layout.scales, core.scale_dtype
+    n = math.prod(shape)
+    return n, -(-n // block_size), core.scale_dtype
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -118,7 +126,7 @@ def encode_tensor(tensor: torch.Tensor, codec: str = "none") -> WireTensor:
         raise WireError(f"cannot encode a {dtype} tensor of shape {list(data.shape)} as {codec}: {exc}") from None
     buffer = _tensor_bytes(enc.payload)
     if enc.scales is not None:
-        buffer += _tensor_bytes(enc.scales.to(_SCALE_DTYPES[codec]))
+        buffer += _tensor_bytes(enc.scales.to(compression.CODECS[codec].scale_dtype))
     return WireTensor(buffer, tuple(data.shape), dtype, codec, enc.block_size)
 
 
@@ -164,10 +172,7 @@ def decode_tensor(wire: WireTensor, limits: TensorLimits) -> torch.Tensor:
     if codec == "fp16":
         payload, scales = torch.frombuffer(raw, dtype=torch.float16), None
     else:
-        scale_dtype = _SCALE_DTYPES[codec]
-        n_codes = expected - -(-n // block) * scale_dtype.itemsize
-        if codec == "blockwise4":
-            n_codes = compression.CODECS["blockwise4"].layout(tuple(shape), block).payload
+        n_codes, _, scale_dtype = _blockwise_parts(codec, shape, block)
         payload = torch.frombuffer(raw, dtype=torch.uint8, count=n_codes)
         scales = torch.frombuffer(raw, dtype=scale_dtype, offset=n_codes)
     enc = compression.Encoded(codec, tuple(shape), torch_dtype, block, payload, scales)
