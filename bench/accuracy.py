@@ -47,6 +47,7 @@ from torch import nn  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
 from swarmshard.core.compression import quantize_module_linears  # noqa: E402
+from swarmshard.core.int8_siblings import fuse_int8_siblings  # noqa: E402
 from swarmshard.core.store import ModelStore  # noqa: E402
 from swarmshard.server.quant import INT8_THRESHOLD, quantize_span  # noqa: E402
 from swarmshard.server.shard import SpanBackend  # noqa: E402
@@ -204,6 +205,7 @@ def smollm2_section(store: ModelStore, manifest, args) -> dict[str, float]:
     whole = {q: SpanBackend(store, manifest, 0, manifest.n_blocks, quant=q) for q in ("none", "int8")}
     whole["int8@6"] = SpanBackend(store, manifest, 0, manifest.n_blocks)
     quantize_module_linears(whole["int8@6"].module, threshold=6.0)
+    fuse_int8_siblings(whole["int8@6"].module, whole["int8@6"].probe)  # as the served spans do
     with torch.inference_mode():
         prompt = client.embed(torch.tensor([ids[:64]]), torch.arange(64).unsqueeze(0))
     threads = torch.get_num_threads()

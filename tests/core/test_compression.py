@@ -504,22 +504,45 @@ def test_quantize_module_linears() -> None:
     assert isinstance(quantize_module_linears(nn.Linear(4, 4)), Int8Linear)
 
 
-def test_int8_linear_matches_numpy_reference() -> None:
-    """The decomposition against a direct float64 restatement of LLM.int8()."""
+def _int8_reference(xd: np.ndarray, wq: np.ndarray, sw: np.ndarray, bias: np.ndarray, threshold: float) -> np.ndarray:
+    """Int8Linear restated in float64 numpy: one int8 digit, or two (base 254) past the threshold."""
+    absmax = np.maximum(np.abs(xd).max(1), 1e-30)
+    s = absmax / 127
+    if absmax.max() > threshold:
+        v = np.round(xd * (127 * 254 / absmax)[:, None])
+        hi = np.round(v / 254)
+        lo = v - 254 * hi
+        assert np.abs(hi).max() <= 127 and np.abs(lo).max() <= 127
+        acc = (hi @ wq.T) + (lo @ wq.T) / 254
+    else:
+        acc = np.round(xd / s[:, None]) @ wq.T
+    return acc * s[:, None] * sw[None, :] + bias
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.5])  # under the threshold everywhere; with outliers
+def test_int8_linear_matches_numpy_reference(scale: float) -> None:
     lin = make_linear(40, 24)
     q = Int8Linear.from_linear(lin, threshold=2.5)
-    x = torch.randn(6, 40, generator=gen(42)) * 1.5
+    x = torch.randn(6, 40, generator=gen(42)) * scale
     xd = x.double().numpy()
     wq, sw = q.weight_int8.double().numpy(), q.weight_scale.double().numpy()
-    outl = np.abs(xd).max(0) > 2.5
-    xn = np.where(outl, 0.0, xd)
-    sx = np.maximum(np.abs(xn).max(1), 1e-30) / 127
-    qx = np.round(xn / sx[:, None])
-    expected = (qx @ wq.T) * sx[:, None] * sw[None, :]
-    expected += xd[:, outl] @ (wq[:, outl] * sw[:, None]).T + lin.bias.detach().double().numpy()
+    expected = _int8_reference(xd, wq, sw, lin.bias.detach().double().numpy(), 2.5)
     with torch.no_grad():
         got = q(x).double().numpy()
-    assert outl.any() and np.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert (np.abs(xd).max() > 2.5) == (scale > 1)
+    assert np.allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_two_digits_keep_activations_to_15_bits() -> None:
+    """Past the threshold, the activation error is at most absmax / 64516: the weight error dominates."""
+    lin = make_linear()
+    q = Int8Linear.from_linear(lin)
+    x = with_outliers(torch.randn(4, 576, generator=gen(43)), [3, 100, 400], factor=60.0)
+    exact_weights = nn.Linear(576, 1536)
+    with torch.no_grad():
+        exact_weights.weight.copy_(q.weight_int8.float() * q.weight_scale[:, None])
+        exact_weights.bias.copy_(lin.bias)
+        assert rel_err(q(x), exact_weights(x)) < 2e-4
 
 
 # ------------------------------------------------------------- blockwise4: wide features in 8 bits

@@ -8,8 +8,8 @@ largest features of a tensor in 8 bits, see :class:`SplitBlockwiseCodec`), ``fp1
 ``none``. ``encode`` returns an :class:`Encoded` whose tensors are the wire payload; ``decode``
 needs nothing but that value.
 
-Weights: :class:`Int8Linear` stores a Linear as int8 rows and runs the LLM.int8() mixed
-decomposition (outlier input features in fp32, the rest as an int8 x int8 -> int32 matmul).
+Weights: :class:`Int8Linear` stores a Linear as int8 rows and multiplies int8 activations by
+them with int32 accumulation; rows holding outlier features go in two int8 digits (~15 bits).
 """
 
 from __future__ import annotations
@@ -820,7 +820,7 @@ def encoded_nbytes(codec: str | Codec, shape: Sequence[int], dtype: torch.dtype 
 
 
 # --------------------------------------------------------------------------------------------
-# LLM.int8(): int8 weights with mixed-precision decomposition
+# int8 weights, with outlier activations carried at higher precision (after LLM.int8())
 # --------------------------------------------------------------------------------------------
 
 INT8_THRESHOLD = 6.0
@@ -879,29 +879,25 @@ def outlier_columns(x: Tensor, threshold: float = INT8_THRESHOLD) -> Tensor:
 
 
 class Int8Linear(nn.Module):
-    """A Linear stored as int8 rows (+ float32 row scales) running the LLM.int8() decomposition.
+    """A Linear stored as int8 rows (+ float32 row scales) with int8 x int8 -> int32 matmuls.
 
-    For an input X, the feature columns where any ``|x| > threshold`` are multiplied in float32;
-    the others are zeroed, each row of X is absmax-quantized to int8 and multiplied by the int8
-    weight with int32 accumulation, then rescaled by ``scale_x[t] * scale_w[o]``.
-
-    Storage choice: the fp32 weight is not kept. A column multiplied by an outlier activation
-    comes from the int8 weight, dequantized on the fly as bitsandbytes does: the weight error is
-    the same per-row rounding as everywhere else, but the activation (the part that int8 would
-    ruin, because one outlier sets the whole row's int8 step) is exact. The weight error of an
-    outlier column is multiplied by the large activation, though, so it can dominate the output
-    error; when calibration activations show *systematic* outlier features (LLM.int8() found a
-    handful per model), ``from_linear(..., calibration=X)`` keeps exactly those columns in
+    Activations are quantized per row at run time. An outlier feature (``|x| > threshold``; LLM
+    activations carry a few features 20-100x the others) would set its row's int8 step and ruin
+    the rest, so once one appears the batch goes in two int8 digits (``int8_mixed_linear``):
+    outliers and all are computed to ~15 bits, through the same int8 matmul. LLM.int8() instead
+    splits the outlier columns off into a float16 matmul; on CPU gathering those weight columns
+    cost more than the whole int8 matmul, and its accuracy was lower here (perplexity +0.15% vs
+    -0.01% on bench/accuracy.py's corpus). When calibration activations show *systematic*
+    outlier features, ``from_linear(..., calibration=X)`` keeps exactly those weight columns in
     float32 (at most ``max_fp_columns``, default in_features // 32: under 4% more memory) and
     drops them from the int8 rows, whose scales then ignore them. Memory: 1 byte per weight plus
     4 per output row (~0.25x of float32) without calibration.
 
     Kernel choice (bench/codecs.py, one core): ``torch._int_mm`` makes this ~2x faster than the
-    float32 Linear at batch 1 and 128. torch's own ``quantized::linear_dynamic`` (fbgemm) is
-    faster still (~1.5x at batch 1) but quantizes activations per *tensor*, which costs accuracy
-    at batch > 1 (1.0% vs 0.85% here) unless rows are normalised first, and it keeps weights in
-    an opaque packed copy: outlier columns cannot be read back cheaply (``linear_unpack`` takes
-    ~2 ms), so it would need a second int8 copy (0.5x of float32). Hence our own int8 rows.
+    float32 Linear at batch 1 and 128. torch's own ``quantized::linear_dynamic`` (fbgemm) keeps
+    weights in an opaque packed copy and quantizes activations per *tensor*, which costs accuracy
+    at batch > 1 unless rows are normalised first. Layers that read the same input can share one
+    matmul and one quantization of it: see `core.int8_siblings`.
     """
 
     weight_int8: Tensor
@@ -930,6 +926,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_fp", torch.zeros(out_features, n_fp_columns))
         # Derived from fp_columns; not saved, a bool per input feature.
         self.register_buffer("fp_mask", torch.zeros(in_features, dtype=torch.bool), persistent=False)
+        # Set by `core.int8_siblings.fuse_int8_siblings` when this layer shares its input with others.
+        self.siblings: Callable[[Int8Linear, Tensor], Tensor] | None = None
 
     @classmethod
     def from_linear(
@@ -981,39 +979,68 @@ class Int8Linear(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.siblings is not None:
+            return self.siblings(self, x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.float32)
-        static = self.fp_columns.numel() > 0
-        mag = x2.abs()
-        if static:
-            mag.masked_fill_(self.fp_mask, 0.0)
-        rowmax = mag.amax(1)
-        dynamic = None
-        # One reduction gives the row scales and tells whether any feature is an outlier.
-        if rowmax.numel() and float(rowmax.max()) > self.threshold:
-            dynamic = (mag.amax(0) > self.threshold).nonzero().squeeze(1)  # 10x faster than any(0)
-            rowmax = mag.index_fill_(1, dynamic, 0.0).amax(1)
-        xn = x2
-        if static:
-            xn = xn.masked_fill(self.fp_mask, 0.0)
-        if dynamic is not None:
-            xn = xn.index_fill(1, dynamic, 0.0)
-        qx, sx = _quantize_rows_by(xn, rowmax)
-        acc = int8_matmul(qx, self.weight_int8.t())
-        if dynamic is None and not static:  # the common case, in two passes over the output
-            scale = sx[:, None] * self.weight_scale
-            y = torch.mul(acc, scale) if self.bias is None else torch.addcmul(self.bias, acc, scale)
-            return y.view(*lead, self.out_features).to(x.dtype)
-        y = torch.mul(acc, sx[:, None])
-        if dynamic is not None:  # outlier features: exact activations x int8 weights, then the row scale
-            w_t = self.weight_int8.t().index_select(0, dynamic).to(torch.float32)  # (k, out), contiguous
-            y.addmm_(x2.index_select(1, dynamic), w_t)
-        y.mul_(self.weight_scale)
-        if static:
-            y.addmm_(x2.index_select(1, self.fp_columns), self.weight_fp.t())
-        if self.bias is not None:
-            y.add_(self.bias)
+        y = int8_mixed_linear(x2, self.weight_int8, self.weight_scale, self.bias, self.threshold,
+                              (self.fp_mask, self.fp_columns, self.weight_fp) if self.fp_columns.numel() else None)
         return y.view(*lead, self.out_features).to(x.dtype)
+
+
+def int8_mixed_linear(
+    x2: Tensor,
+    weight_int8: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    threshold: float,
+    static: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> Tensor:
+    """``x2 @ W.T + bias`` for float32 rows ``x2`` (M, in) and int8 rows ``W``: :class:`Int8Linear`.
+
+    While every ``|x| <= threshold`` the rows are absmax-quantized to int8 (one digit). Once a
+    feature passes the threshold (an outlier, which would set the whole row's int8 step), the
+    batch is carried in two int8 digits instead: ``x ~= s * (hi + lo / 254)`` with ``s`` the
+    row's absmax / 127, so every activation keeps ~15 bits (an error of at most absmax / 64516,
+    finer than float16 for these magnitudes). Both digits go through the same int8 matmul as
+    extra rows, so the outlier path reads the weight once and gathers nothing. ``static`` is
+    (mask, columns, float32 weight columns) of calibrated features, multiplied in float32.
+
+    Written for few small ops: at batch 1 a layer's time is mostly per-op overhead.
+    """
+    base = bias
+    xq = x2
+    if static is not None:
+        mask, columns, weight_fp = static
+        fp_part = x2.index_select(1, columns) @ weight_fp.t()
+        base = fp_part if bias is None else fp_part.add_(bias)
+        xq = x2.masked_fill(mask, 0.0)
+    rowmax = xq.abs().amax(1)
+    if rowmax.numel() and float(rowmax.max()) > threshold:
+        return _int8_two_digits(xq, rowmax, weight_int8, weight_scale, base)
+    qx, sx = _quantize_rows_by(xq, rowmax)
+    acc = int8_matmul(qx, weight_int8.t())
+    scale = sx[:, None] * weight_scale
+    return torch.mul(acc, scale) if base is None else torch.addcmul(base, acc, scale)
+
+
+# Two int8 digits in base 254: |hi| <= 127 and |lo| <= 127 hold any integer |v| <= 127 * 254.
+_DIGIT_BASE = 254.0
+_TWO_DIGIT_MAX = 127.0 * _DIGIT_BASE
+
+
+def _int8_two_digits(
+    x2: Tensor, rowmax: Tensor, weight_int8: Tensor, weight_scale: Tensor, base: Tensor | None
+) -> Tensor:
+    m = x2.shape[0]
+    absmax = rowmax.clamp(min=1e-30)
+    v = torch.mul(x2, (_TWO_DIGIT_MAX / absmax)[:, None]).round_()
+    hi = torch.div(v, _DIGIT_BASE).round_()
+    lo = v.sub_(hi, alpha=_DIGIT_BASE)  # |lo| <= 127: v - 254 * round(v / 254)
+    acc = int8_matmul(torch.cat([hi, lo]).to(torch.int8), weight_int8.t())  # one pass over the weight
+    scale = (absmax / 127.0)[:, None] * weight_scale
+    y = torch.mul(acc[:m], scale) if base is None else torch.addcmul(base, acc[:m], scale)
+    return y.addcmul_(acc[m:], scale, value=1.0 / _DIGIT_BASE)
 
 
 def quantize_module_linears(

@@ -26,10 +26,17 @@ class SpanBackend:
         self.config = trimmed_config(store.load_config(manifest), start, end)
         self.module = store.load_span(manifest, start, end)
         self.quant = quant
-        self.quantized_layers = quantize_span(self.module, quant)  # after the digests were checked
         self.dtype = manifest.torch_dtype
         self.hidden_size = manifest.hidden_size
         self.max_positions = getattr(self.config, "max_position_embeddings", None) or 1_000_000
+        # After the digests were checked; the probe lets layers that share an input share a matmul.
+        self.quantized_layers = quantize_span(self.module, quant, probe=self.probe)
+
+    def probe(self) -> None:
+        """One small forward on random hidden states (to see which layers read the same input)."""
+        generator = torch.Generator().manual_seed(0)
+        cache = self.new_cache()
+        self.forward(torch.randn(1, 2, self.hidden_size, generator=generator), 0, cache)
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
