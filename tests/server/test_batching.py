@@ -83,3 +83,44 @@ def test_batcher_stacks_concurrent_decode_and_isolates_errors(backends):
     assert after_prefill == 4  # four same-length fresh prompts: one stacked prefill
     assert batcher.stacked_steps == 8  # then four decode steps stacked; the refused one ran alone
     assert all(c.get_seq_length() == 4 for c in caches)
+
+
+def test_batcher_waits_briefly_for_sessions_due_and_never_for_a_lone_one(backends, monkeypatch):
+    """Steps of sessions that stepped together last time join one round even when they trickle
+    in a few ms apart; a session stepping alone is never held back."""
+    backend = backends["tiny-llama"]
+    # The tiny model's rounds take ~1 ms, so the share-of-a-round cap would be under the 2 ms
+    # trickle; lift it and keep the absolute cap.
+    monkeypatch.setattr("swarmshard.server.batching._CONVOY_WAIT_SHARE", 100.0)
+
+    async def scenario():
+        batcher = StepBatcher(backend, ThreadPoolExecutor(1))
+        batcher.start()
+        caches = [backend.new_cache() for _ in range(3)]
+        await asyncio.gather(*(batcher.submit(torch.randn(1, 3, 64), 0, c) for c in caches))
+
+        async def late(cache, position, delay):
+            await asyncio.sleep(delay)
+            return await batcher.submit(torch.randn(1, 1, 64), position, cache)
+
+        rounds = []
+        for position in (3, 4, 5, 6):  # in step, then trickling in 2 ms apart
+            before = batcher.rounds
+            spread = 0.0 if position == 3 else 0.002
+            await asyncio.gather(*(late(c, position, i * spread) for i, c in enumerate(caches)))
+            rounds.append(batcher.rounds - before)
+        lone = backend.new_cache()
+        await batcher.submit(torch.randn(1, 3, 64), 0, lone)
+        waited = batcher.waited_s
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for position in range(3, 6):  # the three others have stopped stepping: nobody is due
+            await asyncio.sleep(4 * batcher._step_gap_s + 0.01)
+            await batcher.submit(torch.randn(1, 1, 64), position, lone)
+        lone_waited = batcher.waited_s - waited
+        await batcher.stop()
+        return rounds, lone_waited, loop.time() - began
+
+    rounds, lone_waited, _ = asyncio.run(scenario())
+    assert rounds[0] == 1 and rounds[-1] == 1, rounds  # once in step, trickling steps share a round
+    assert lone_waited == 0.0

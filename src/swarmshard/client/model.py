@@ -298,7 +298,7 @@ class DistributedModelForCausalLM:
         start = session.position
         positions = torch.arange(start, start + input_ids.shape[1]).unsqueeze(0).expand(input_ids.shape[0], -1)
         hidden = session.step(self.client.embed(input_ids, positions))
-        return self.head(hidden[:, -1:])[:, -1]
+        return self.head(hidden[:, -1:], group=tuple(session.route))[:, -1]
 
     def generate(
         self,
@@ -364,29 +364,30 @@ class DistributedModelForCausalLM:
             sequences = input_ids
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
             begin = time.perf_counter()
-            for index in range(new_tokens):
-                logits = self._logits(session, feed)
-                scores = processors(sequences, logits)
-                if config.do_sample:
-                    token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-                else:
-                    token = scores.argmax(dim=-1)
-                token = torch.where(finished, torch.full_like(token, pad), token)
-                if len(eos_ids):
-                    finished |= torch.isin(token, eos_ids)
-                feed = token.unsqueeze(1)
-                sequences = torch.cat([sequences, feed], dim=1)
-                if streamer is not None:
-                    streamer.put(token.cpu())
-                now = time.perf_counter()
-                if index == 0:
-                    stats.prefill_s = now - begin
-                else:
-                    stats.decode_s += now - begin
-                begin = now
-                stats.new_tokens += 1
-                if bool(finished.all()):
-                    break
+            with self.head.participant():  # concurrent sessions step together (client/rows.py)
+                for index in range(new_tokens):
+                    logits = self._logits(session, feed)
+                    scores = processors(sequences, logits)
+                    if config.do_sample:
+                        token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                    else:
+                        token = scores.argmax(dim=-1)
+                    token = torch.where(finished, torch.full_like(token, pad), token)
+                    if len(eos_ids):
+                        finished |= torch.isin(token, eos_ids)
+                    feed = token.unsqueeze(1)
+                    sequences = torch.cat([sequences, feed], dim=1)
+                    if streamer is not None:
+                        streamer.put(token.cpu())
+                    now = time.perf_counter()
+                    if index == 0:
+                        stats.prefill_s = now - begin
+                    else:
+                        stats.decode_s += now - begin
+                    begin = now
+                    stats.new_tokens += 1
+                    if bool(finished.all()):
+                        break
             session.pending = feed
         finally:
             if streamer is not None:
