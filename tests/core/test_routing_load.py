@@ -75,3 +75,54 @@ def test_parallel_sessions_run_out_of_cache_with_a_clear_error():
 def test_spread_respects_bans():
     routes = spread_routes([c("a", 0, 6), c("b", 0, 6), c("c", 0, 6)], 6, sessions=3, banned={"b"})
     assert sorted(peers(r)[0] for r in routes) == ["a", "a", "c"]
+
+
+def test_concurrent_sessions_keep_to_few_routes():
+    """Two replicas per span; each session is routed on fresh (jittery) round-trip measurements.
+    On cost alone sessions end up on many mixes of replicas; with affinity they share the routes
+    already in use, still balanced over the replicas."""
+    import random
+    from dataclasses import replace
+
+    from swarmshard.core.routing import prefer_shared_route
+
+    base = [c("a1", 0, 2, 101), c("b1", 0, 2, 100), c("a2", 2, 4, 100), c("b2", 2, 4, 104),
+            c("a3", 4, 6, 100), c("b3", 4, 6, 99)]
+
+    def route_all(affinity: float) -> list[list[str]]:
+        load: dict[str, float] = {}
+        routes = []
+        jitter = random.Random(0)
+        for _ in range(16):
+            measured = [replace(x, rtt_s=0.001 + jitter.uniform(0, 0.002)) for x in base]
+            cands = with_load(measured, load)
+            best = choose_route(cands, 6)
+            route = prefer_shared_route(best, routes, cands, affinity=affinity)
+            routes.append(route)
+            for hop in route:
+                load[hop.peer_id] = load.get(hop.peer_id, 0) + 1
+        return [peers(r) for r in routes]
+
+    plain, shared = route_all(0.0), route_all(0.2)
+    assert len({tuple(r) for r in plain}) > 2
+    assert len({tuple(r) for r in shared}) == 2
+    per_server = {p: sum(p in r for r in shared) for p in ("a1", "b1", "a2", "b2", "a3", "b3")}
+    assert set(per_server.values()) == {8}  # still balanced over the replicas
+
+
+def test_a_shared_route_is_dropped_when_unusable_or_much_slower():
+    from swarmshard.core.routing import RouteHop, prefer_shared_route, route_cost
+
+    fast, slow = c("fast", 0, 4, 100), c("slow", 0, 4, 50)
+    known = [[RouteHop("slow", 0, 4)]]
+    best = choose_route([fast, slow], 4)
+    assert peers(best) == ["fast"]
+    assert peers(prefer_shared_route(best, known, [fast, slow])) == ["fast"]  # 2x the cost: not shared
+    near = c("slow", 0, 4, 90)
+    assert peers(prefer_shared_route(best, known, [fast, near])) == ["slow"]  # within 20%: shared
+    assert peers(prefer_shared_route(best, known, [fast, near], banned={"slow"})) == ["fast"]
+    assert peers(prefer_shared_route(best, known, [fast, near], need_tokens=5000)) == ["fast"]  # no cache left
+    assert peers(prefer_shared_route(best, known, [fast, c("slow", 0, 3, 90)])) == ["fast"]  # span moved
+    assert peers(prefer_shared_route(best, [[RouteHop("slow", 0, 2)]], [fast, near])) == ["fast"]  # other blocks
+    assert route_cost([RouteHop("gone", 0, 4)], [fast]) is None
+    assert route_cost(best, [fast]) == pytest.approx(hop_cost(fast))

@@ -19,7 +19,14 @@ import torch
 from swarmshard.aio import LoopThread
 from swarmshard.client.rows import RowBatcher
 from swarmshard.client.session import BanList, RemoteSession, remote_forward
-from swarmshard.core.routing import DEFAULT_LOAD_PENALTY, Candidate, NoRoute, RouteHop, choose_route
+from swarmshard.core.routing import (
+    DEFAULT_LOAD_PENALTY,
+    Candidate,
+    NoRoute,
+    RouteHop,
+    choose_route,
+    prefer_shared_route,
+)
 from swarmshard.core.store import Manifest, ModelStore
 from swarmshard.transport.codecs import accepted_codecs, check_codec
 from swarmshard.transport.p2p import SwarmNode
@@ -142,6 +149,7 @@ class DistributedModelForCausalLM:
         self.load_penalty = DEFAULT_LOAD_PENALTY
         self._live: list[RemoteSession] = []
         self._reserved: Counter[str] = Counter()
+        self._reserved_routes: list[list[RouteHop]] = []  # routes planned for sessions being opened
         self.last_stats = GenerationStats()
         self.banned = BanList()
         self.last_route: list[RouteHop] = []
@@ -200,8 +208,12 @@ class DistributedModelForCausalLM:
             try:
                 route = choose_route(candidates, self.manifest.n_blocks, need_tokens, banned, start, end,
                                      load_penalty=self.load_penalty)
+                # Our concurrent sessions keep to few routes, so servers can stack their steps.
+                known = [remote.route for remote in self._live] + self._reserved_routes
+                route = prefer_shared_route(route, known, candidates, need_tokens, banned, self.load_penalty)
                 if reserve:
                     self._reserved.update(h.peer_id for h in route)
+                    self._reserved_routes.append(route)
                 break
             except NoRoute as exc:
                 if attempt + 1 < ROUTE_LOOKUPS:
@@ -236,6 +248,10 @@ class DistributedModelForCausalLM:
         """Undo ``_plan_route(reserve=True)``: the session is registered (or was never opened)."""
         self._reserved.subtract(h.peer_id for h in route)
         self._reserved = +self._reserved  # drop zero counts
+        for index, planned in enumerate(self._reserved_routes):
+            if planned == route:
+                del self._reserved_routes[index]
+                break
 
     # ---- sessions -----------------------------------------------------------------------------------
 
