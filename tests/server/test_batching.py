@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from swarmshard.server.batching import StepBatcher, stacked_decode, stacked_prefill, supports_stacking
+from swarmshard.server.batching import StepBatcher, prefill_groups, stacked_decode, stacked_prefill, supports_stacking
 from swarmshard.server.shard import SpanBackend
 
 
@@ -42,17 +42,34 @@ def test_stacked_decode_equals_single_steps(backends, name):
     assert [c.get_seq_length() for c in stacked] == [c.get_seq_length() for c in single] == [5, 12, 8]
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("lengths", [(6, 6, 6), (6, 3, 9)])
 @torch.inference_mode()
-def test_stacked_prefill_splits_caches(backends):
-    backend = backends["tiny-llama"]
-    prompts = [torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+def test_stacked_prefill_splits_caches(backends, name, lengths):
+    """Same-length prompts, and prompts of different lengths padded at the end: each session gets
+    exactly its own outputs and cache."""
+    backend = backends[name]
+    prompts = [torch.randn(1, n, 64, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(lengths)]
     caches = [backend.new_cache() for _ in prompts]
     outs = stacked_prefill(backend, prompts, caches)
     for prompt, out, cache in zip(prompts, outs, caches):
+        n = prompt.shape[1]
         fresh = backend.new_cache()
+        assert out.shape == prompt.shape and cache.get_seq_length() == n
         assert torch.allclose(out, backend.forward(prompt, 0, fresh), atol=1e-5)
         nxt = torch.ones(1, 1, 64)
-        assert torch.allclose(backend.forward(nxt, 6, cache), backend.forward(nxt, 6, fresh), atol=1e-5)
+        assert torch.allclose(backend.forward(nxt, n, cache), backend.forward(nxt, n, fresh), atol=1e-5)
+
+
+def test_prefill_groups_bound_the_padding():
+    assert prefill_groups([9, 8, 10, 9]) == [[1, 0, 3, 2]]  # by length, one group
+    assert prefill_groups([100, 5, 6]) == [[1, 2], [0]]  # the long prompt is not padded into
+    assert prefill_groups([]) == []
+    groups = prefill_groups([3, 4, 5, 6, 7, 8, 20, 21])
+    for g in groups:
+        lengths = [[3, 4, 5, 6, 7, 8, 20, 21][i] for i in g]
+        assert max(lengths) * len(lengths) <= 1.5 * sum(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(8))
 
 
 def test_sliding_window_models_are_not_stacked(backends):

@@ -5,9 +5,9 @@ short, bounded wait for sessions due for their next decode step (a client's conc
 step in lockstep but their messages trickle in a few ms apart). Decode steps
 (one new token per sequence) of different sessions are stacked into one batch: their KV caches, of
 different lengths, are padded to a common length for that pass and masked, and each session's new
-keys and values go back into its own cache. Prompts (prefill) of fresh sessions with the same length
-are stacked too. Anything else (a lone step, a rewind, sliding-window layers) runs on its own, on
-exactly the path a single session takes.
+keys and values go back into its own cache. Prompts (prefill) of fresh sessions are stacked too,
+padded at the end to the longest of their group. Anything else (a lone step, a rewind,
+sliding-window layers) runs on its own, on exactly the path a single session takes.
 """
 
 from __future__ import annotations
@@ -78,14 +78,38 @@ def stacked_decode(backend: SpanBackend, hidden: Sequence[torch.Tensor], caches:
 
 
 def stacked_prefill(backend: SpanBackend, hidden: Sequence[torch.Tensor], caches: Sequence[DynamicCache]) -> list[torch.Tensor]:
-    """One forward pass for same-length prompts of fresh sessions; splits the cache back per session."""
-    batch = torch.cat(list(hidden), dim=0)
+    """One forward pass for the prompts of fresh sessions; splits the cache back per session.
+
+    Shorter prompts are padded at the end to the longest: attention is causal, so a prompt's own
+    positions never see its padding, and each session keeps only its own keys and values.
+    """
+    lengths = [h.shape[1] for h in hidden]
+    longest = max(lengths)
+    batch = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, longest - h.shape[1])) for h in hidden], dim=0)
     shared = backend.new_cache()
     out = backend.forward(batch, 0, shared)
-    for row, cache in enumerate(caches):
+    for row, (cache, length) in enumerate(zip(caches, lengths)):
         for layer_idx, layer in enumerate(shared.layers):
-            cache.update(layer.keys[row : row + 1], layer.values[row : row + 1], layer_idx)
-    return [out[row : row + 1] for row in range(out.shape[0])]
+            cache.update(layer.keys[row : row + 1, :, :length], layer.values[row : row + 1, :, :length], layer_idx)
+    return [out[row : row + 1, :length] for row, length in enumerate(lengths)]
+
+
+def prefill_groups(lengths: Sequence[int], max_padding: float = 0.5) -> list[list[int]]:
+    """Indices of prompts to stack, by length: a group's padding stays within ``max_padding`` of
+    its real tokens (a long prompt is not stacked with many short ones)."""
+    groups: list[list[int]] = []
+    total = 0
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups:
+            group = groups[-1]
+            padded = lengths[index] * (len(group) + 1)  # sorted: this one is the longest so far
+            if padded <= (1.0 + max_padding) * (total + lengths[index]):
+                group.append(index)
+                total += lengths[index]
+                continue
+        groups.append([index])
+        total = lengths[index]
+    return groups
 
 
 _GATHER_YIELDS = 3
@@ -211,10 +235,12 @@ class StepBatcher:
         self.waited_s += loop.time() - began
 
     def _group(self, work: list[_Work]) -> list[list[_Work]]:
-        """Decode steps together, same-length fresh prompts together, everything else alone."""
+        """Decode steps together, fresh prompts of similar lengths together, everything else alone."""
         if not self.stackable:
             return [[w] for w in work]
-        decode, prefill, alone = [], {}, []
+        decode: list[_Work] = []
+        prefill: list[_Work] = []
+        alone: list[list[_Work]] = []
         seen: set[int] = set()
         for w in work:
             fresh = w.position == 0 and w.cache.get_seq_length() == 0
@@ -223,12 +249,13 @@ class StepBatcher:
             elif w.hidden.shape[1] == 1 and w.position == w.cache.get_seq_length() and w.position > 0:
                 decode.append(w)
             elif fresh:
-                prefill.setdefault(w.hidden.shape[1], []).append(w)
+                prefill.append(w)
             else:
                 alone.append([w])
             seen.add(id(w.cache))
         groups = [decode] if decode else []
-        return groups + list(prefill.values()) + alone
+        stacked = [[prefill[i] for i in g] for g in prefill_groups([w.hidden.shape[1] for w in prefill])]
+        return groups + stacked + alone
 
     def _compute(self, groups: list[list[_Work]]) -> list:
         results: list = []
