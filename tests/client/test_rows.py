@@ -157,3 +157,23 @@ def test_a_lone_caller_never_waits_and_leaving_releases_the_others():
         waited = time.perf_counter() - began
     t.join(5)
     assert 0.1 < waited < 3.0
+
+
+def test_head_rows_are_padded_to_the_fast_gemm_size_but_one_row_is_not():
+    from types import SimpleNamespace
+
+    from swarmshard.client.model import HEAD_PAD_ROWS, DistributedModelForCausalLM
+
+    weight = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def head(hidden):
+        seen.append(hidden.shape[0])
+        return hidden @ weight.t()
+
+    model = SimpleNamespace(client=SimpleNamespace(head=head))
+    for rows in (1, 2, 9, HEAD_PAD_ROWS, HEAD_PAD_ROWS + 3):
+        x = torch.randn(rows, 1, 8)
+        out = DistributedModelForCausalLM._head_rows(model, x)
+        assert out.shape == (rows, 1, 50) and torch.allclose(out, x @ weight.t(), atol=1e-6)
+    assert seen == [1, HEAD_PAD_ROWS, HEAD_PAD_ROWS, HEAD_PAD_ROWS, HEAD_PAD_ROWS + 3]
