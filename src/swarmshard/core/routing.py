@@ -132,8 +132,9 @@ def choose_route(
 # much more than the fastest route. Sessions on one route step in lockstep and each server stacks
 # them into one forward pass (client/rows.py, server/batching.py); spread over many mixes of
 # replicas, they reach every server in small groups. bench/concurrency.py, 16 sessions over 3
-# spans x 2 replicas: 4 distinct routes 55 tok/s, 2 routes 72 tok/s.
-ROUTE_AFFINITY = 0.2
+# spans x 2 replicas: 4 distinct routes 55 tok/s, 2 routes 72-81 tok/s. 10% absorbs round-trip
+# jitter between equal replicas; a clearly faster idle replica still takes the next session.
+ROUTE_AFFINITY = 0.1
 
 
 def route_cost(
