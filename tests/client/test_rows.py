@@ -177,3 +177,33 @@ def test_head_rows_are_padded_to_the_fast_gemm_size_but_one_row_is_not():
         out = DistributedModelForCausalLM._head_rows(model, x)
         assert out.shape == (rows, 1, 50) and torch.allclose(out, x @ weight.t(), atol=1e-6)
     assert seen == [1, HEAD_PAD_ROWS, HEAD_PAD_ROWS, HEAD_PAD_ROWS, HEAD_PAD_ROWS + 3]
+
+
+def test_a_participant_busy_elsewhere_is_not_waited_for():
+    """A session that stops calling for a while (a long prompt, a failover) does not slow the
+    others' rounds once it has been silent for two periods."""
+    batcher = RowBatcher(lambda x: x, max_wait_s=0.2)
+    busy = threading.Event()
+    done = threading.Event()
+
+    def slow_member() -> None:
+        with batcher.participant():
+            batcher(torch.ones(1, 2), group="r")
+            busy.set()
+            done.wait(10)  # silent: busy with something else
+
+    t = threading.Thread(target=slow_member)
+    t.start()
+    assert busy.wait(5)
+    with batcher.participant():
+        for _ in range(3):  # establish the period: the first rounds may wait for the silent one
+            time.sleep(0.02)
+            batcher(torch.ones(1, 2), group="r")
+        time.sleep(0.1)  # the silent member is now more than two periods behind
+        began = time.perf_counter()
+        for _ in range(10):
+            batcher(torch.ones(1, 2), group="r")
+        quick = time.perf_counter() - began
+    done.set()
+    t.join(5)
+    assert quick < 0.05, f"10 rounds took {quick:.3f}s"

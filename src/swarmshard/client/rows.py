@@ -17,6 +17,7 @@ re-reading its span's weights.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
@@ -118,7 +119,11 @@ class RowBatcher:
         if not self._pending:
             return []
         arrived = {c.thread for c in self._pending}
-        waiting_for = {g for t, g in self._members.items() if t not in arrived}
+        # A participant silent for two periods is busy elsewhere (a long prompt, a failover, its
+        # caller): rounds stop waiting for it until it calls again.
+        recent = now - 2.0 * self._period_s if self._period_s else -math.inf
+        waiting_for = {g for t, g in self._members.items()
+                       if t not in arrived and self._last_call.get(t, now) >= recent}
         anyone = None in waiting_for
         # A group is ready when complete or when its oldest call's deadline passed; then all of it goes.
         groups = {c.group for c in self._pending if now >= c.deadline or not (anyone or c.group in waiting_for)}
