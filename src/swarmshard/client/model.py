@@ -259,10 +259,8 @@ class DistributedModelForCausalLM:
         """Undo ``_plan_route(reserve=True)``: the session is registered (or was never opened)."""
         self._reserved.subtract(h.peer_id for h in route)
         self._reserved = +self._reserved  # drop zero counts
-        for index, planned in enumerate(self._reserved_routes):
-            if planned == route:
-                del self._reserved_routes[index]
-                break
+        if route in self._reserved_routes:
+            self._reserved_routes.remove(route)
 
     # ---- sessions -----------------------------------------------------------------------------------
 

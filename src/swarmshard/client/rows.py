@@ -81,13 +81,13 @@ class RowBatcher:
         """
         now, thread = time.perf_counter(), threading.get_ident()
         with self._lock:
-            if thread in self._members:
+            if thread in self._members:  # only participants' rhythm bounds the waits
                 self._members[thread] = group
-            last = self._last_call.get(thread)
-            if last is not None:
-                period = now - last
-                self._period_s = period if not self._period_s else 0.9 * self._period_s + 0.1 * period
-            self._last_call[thread] = now
+                last = self._last_call.get(thread)
+                if last is not None:
+                    period = now - last
+                    self._period_s = period if not self._period_s else 0.9 * self._period_s + 0.1 * period
+                self._last_call[thread] = now
             wait = min(self.max_wait_s, 0.5 * self._period_s) if self._period_s else self.max_wait_s
             call = _Call(rows, thread, group, now, now + wait)
             self._pending.append(call)

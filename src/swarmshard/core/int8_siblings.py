@@ -67,7 +67,7 @@ class Int8Siblings:
             # read per layer, and the separate copies are freed.
             m.weight_int8 = self.weight_int8[begin:end]
             m.weight_scale = self.weight_scale[begin:end]
-            if m.bias is not None and self.bias is not None:
+            if m.bias is not None:
                 m.bias = self.bias[begin:end]
             m.siblings = self
             m._sibling_slot = slot  # type: ignore[assignment]
