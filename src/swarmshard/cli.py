@@ -75,6 +75,9 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for this server's compute "
                                           "(default: all cores; lower it when servers on one machine compute "
                                           "at the same time)."),
+    machine: Optional[str] = typer.Option(None, "--machine", help="Machine identity announced for routing: "
+                                          "clients treat servers announcing the same one as sharing its cores "
+                                          "(default: a fingerprint of this machine)."),
 ) -> None:
     """Serve a contiguous span of a model's blocks (or one stage of a graph plan) until SIGINT/SIGTERM."""
     from swarmshard.core.shard import parse_span
@@ -128,7 +131,7 @@ def serve(
         cache_tokens=cache_tokens, announce_period=announce_period, record_ttl=3 * announce_period,
         idle_timeout=idle_timeout, home=home, quant=quant, wire_codec=wire_codec, auto=auto, memory_gb=memory_gb,
         block_speed=block_speed, rebalance_period=120.0 if rebalance_period is None else rebalance_period,
-        move_threshold=move_threshold, rtt_period=rtt_period,
+        move_threshold=move_threshold, rtt_period=rtt_period, machine=machine,
     )
     run(settings, json_events=json_events)
 

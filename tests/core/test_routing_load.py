@@ -7,8 +7,8 @@ import pytest
 from swarmshard.core.routing import Candidate, NoRoute, choose_route, hop_cost, spread_routes, with_load
 
 
-def c(peer, start, end, throughput=100.0, cache=1000, rtt=0.001, load=0.0):
-    return Candidate(peer, start, end, throughput, cache, rtt, load)
+def c(peer, start, end, throughput=100.0, cache=1000, rtt=0.001, load=0.0, machine=""):
+    return Candidate(peer, start, end, throughput, cache, rtt, load, machine)
 
 
 def peers(route):
@@ -127,3 +127,51 @@ def test_a_shared_route_is_dropped_when_unusable_or_much_slower():
     assert peers(prefer_shared_route(best, [[RouteHop("slow", 0, 2)]], [fast, near])) == ["fast"]  # other blocks
     assert route_cost([RouteHop("gone", 0, 4)], [fast]) is None
     assert route_cost(best, [fast]) == pytest.approx(hop_cost(fast))
+
+
+def test_replicas_on_one_machine_share_one_route():
+    """Servers announcing one machine share its cores: spreading our sessions over them adds no
+    compute, so all 16 keep to one route (and its servers stack them); on distinct machines the
+    same swarm still spreads them evenly."""
+    from dataclasses import replace
+
+    from swarmshard.core.routing import prefer_shared_route
+
+    base = [c("a1", 0, 2, 101), c("b1", 0, 2, 100), c("a2", 2, 4, 100), c("b2", 2, 4, 104),
+            c("a3", 4, 6, 100), c("b3", 4, 6, 99)]
+
+    def route_all(candidates) -> list[tuple[str, ...]]:
+        load: dict[str, float] = {}
+        routes = []
+        for _ in range(16):
+            cands = with_load(candidates, load)
+            route = prefer_shared_route(choose_route(cands, 6), routes, cands)
+            routes.append(route)
+            for hop in route:
+                load[hop.peer_id] = load.get(hop.peer_id, 0) + 1
+        return [tuple(peers(r)) for r in routes]
+
+    one_machine = route_all([replace(x, machine="m") for x in base])
+    assert len(set(one_machine)) == 1
+    per_machine = route_all([replace(x, machine=x.peer_id[0]) for x in base])  # replicas a* and b* apart
+    assert len(set(per_machine)) == 2 and sorted(per_machine.count(r) for r in set(per_machine)) == [8, 8]
+    unknown = route_all(base)  # machines not announced: each server counts as its own machine
+    assert len(set(unknown)) == 2
+
+
+def test_a_colocated_route_is_still_dropped_when_unusable_or_slower_idle():
+    from dataclasses import replace
+
+    from swarmshard.core.routing import RouteHop, prefer_shared_route
+
+    known = [[RouteHop("slow", 0, 4)]]
+    loaded = c("slow", 0, 4, 95, machine="m", load=8)
+    fast = c("fast", 0, 4, 100, machine="m")
+    best = choose_route([fast, loaded], 4)
+    assert peers(best) == ["fast"]
+    assert peers(prefer_shared_route(best, known, [fast, loaded])) == ["slow"]  # same machine: shared despite load
+    assert peers(prefer_shared_route(best, known, [fast, replace(loaded, machine="n")])) == ["fast"]  # other machine
+    assert peers(prefer_shared_route(best, known, [fast, c("slow", 0, 4, 50, machine="m", load=8)])) == ["fast"]
+    assert peers(prefer_shared_route(best, known, [fast, loaded], banned={"slow"})) == ["fast"]
+    assert peers(prefer_shared_route(best, known, [fast, loaded], need_tokens=5000)) == ["fast"]  # no cache left
+    assert peers(prefer_shared_route(best, known, [fast, replace(loaded, machine="")])) == ["fast"]  # unknown

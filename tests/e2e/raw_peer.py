@@ -35,6 +35,10 @@ class RawPeer:
 
         return self.loop.run(go(), timeout=60)
 
+    def run(self, scenario, timeout: float = 60):
+        """Run ``await scenario(node, peer_id)`` on this peer's event loop (several streams at once)."""
+        return self.loop.run(scenario(self.node, self.peer_id), timeout=timeout)
+
 
 @contextmanager
 def raw_peer(swarm: LocalSwarm) -> Iterator[RawPeer]:

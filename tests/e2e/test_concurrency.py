@@ -29,10 +29,16 @@ def test_eight_concurrent_sessions_equal_sequential(smol_client, smol_local):
     prompts = [torch.tensor([tok(p)["input_ids"]]) for p in PROMPTS]
     sequential = [smol_client.generate(p, max_new_tokens=NEW_TOKENS)[0].tolist() for p in prompts]
     calls, rows = smol_client.head.calls, smol_client.head.rows
+    channels = smol_client.step_groups.channels
+    sent = {peer: (c.messages, c.steps) for peer, c in channels.items()}
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
         concurrent = list(pool.map(lambda p: smol_client.generate(p, max_new_tokens=NEW_TOKENS)[0].tolist(), prompts))
     # the sessions' heads were computed together (client/rows.py), not once per session and token
     assert smol_client.head.rows - rows > smol_client.head.calls - calls
+    # and their steps travelled to each server together (client/group.py): fewer messages than steps
+    messages = sum(c.messages - sent.get(p, (0, 0))[0] for p, c in channels.items())
+    steps = sum(c.steps - sent.get(p, (0, 0))[1] for p, c in channels.items())
+    assert steps >= len(prompts) * (NEW_TOKENS - 1) and messages < steps / 2, (messages, steps)
     for seq, conc in zip(sequential, concurrent):
         if seq == conc:
             continue

@@ -142,3 +142,37 @@ def test_no_replacement_fails_in_bounded_time_naming_blocks(replicated, store_ho
         assert time.monotonic() - began < 60
     finally:
         impatient.close()
+
+
+def test_kill_during_grouped_steps_output_is_identical(replicated, client, prompt, reference):
+    """Two sessions step together (one group message per server, client/group.py); their server
+    dies mid-generation: both fail over and still produce the uninterrupted output."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _restore(replicated)
+    killed = []
+    prompt_len = prompt.shape[1]
+    # both sessions open before either generates, so they share a route and group their steps
+    sessions = [client.open_session(max_length=prompt_len + NEW_TOKENS) for _ in range(2)]
+    try:
+        assert sessions[0].route == sessions[1].route
+
+        def before_step(index, hop_session, position):
+            if not killed and index == 1 and position == prompt_len + NEW_TOKENS // 2:
+                killed.append(_kill(replicated, hop_session.hop.peer_id))
+
+        sessions[0].remote.before_step = before_step
+        channel = client.step_groups.channel(sessions[0].route[1].peer_id)
+        grouped = channel.steps
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            outs = list(pool.map(lambda s: client.generate(prompt, max_new_tokens=NEW_TOKENS, session=s).tolist(),
+                                 sessions))
+        assert killed, "the kill point was never reached"
+        assert channel.steps > grouped  # steps to the killed server did travel grouped
+        assert outs == [reference, reference]
+        for session in sessions:
+            assert [f.failed_peer for f in session.remote.failovers] == [killed[0].peer_id]
+            assert killed[0].peer_id not in {h.peer_id for h in session.route}
+    finally:
+        for session in sessions:
+            session.close()

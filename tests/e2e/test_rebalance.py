@@ -60,8 +60,11 @@ def test_auto_servers_place_themselves_and_rebalance_mid_generation(store, store
                        server_args=["--announce-period", "2", "--rtt-period", "2"])
     with swarm:
         # together: whether or not they see each other, the whole model fits and 0:6 is their best span
-        a, b = swarm.start_auto_servers([["--block-speed", "20", "--memory-gb", whole, "--rebalance-period", "1"],
-                                         ["--block-speed", "12", "--memory-gb", whole, "--rebalance-period", "0"]])
+        # declared speeds and machines: they stand for two different computers
+        a, b = swarm.start_auto_servers([["--block-speed", "20", "--memory-gb", whole, "--rebalance-period", "1",
+                                          "--machine", "machine-a"],
+                                         ["--block-speed", "12", "--memory-gb", whole, "--rebalance-period", "0",
+                                          "--machine", "machine-b"]])
         assert [(n.info["start"], n.info["end"]) for n in (a, b)] == [(0, 6), (0, 6)]
 
         client = DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
@@ -80,7 +83,7 @@ def test_auto_servers_place_themselves_and_rebalance_mid_generation(store, store
             def join_and_rebalance() -> None:
                 seen["route"] = [(h.peer_id, h.start, h.end) for h in session.route]
                 seen["c"] = c = swarm.start_auto_server(
-                    extra=["--block-speed", "15", "--memory-gb", half, "--rebalance-period", "1"])
+                    extra=["--block-speed", "15", "--memory-gb", half, "--rebalance-period", "1", "--machine", "machine-c"])
                 want = {a.peer_id: (3, 6), b.peer_id: (0, 6), c.peer_id: (0, 3)}
                 deadline = time.monotonic() + 90
                 while True:

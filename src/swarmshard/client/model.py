@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from swarmshard.aio import LoopThread
+from swarmshard.client.group import StepGroups
 from swarmshard.client.rows import RowBatcher
 from swarmshard.client.session import BanList, RemoteSession, remote_forward
 from swarmshard.core.routing import (
@@ -79,7 +80,7 @@ def candidates_from_records(
         rtt = rtts.get(r.peer_id)
         out.append(Candidate(r.peer_id, r.start, r.end, r.throughput, r.cache_tokens_left,
                              UNMEASURED_RTT_S if rtt is None else rtt,
-                             float(max(r.sessions, local_load.get(r.peer_id, 0)))))
+                             float(max(r.sessions, local_load.get(r.peer_id, 0))), r.machine))
     return out
 
 
@@ -147,6 +148,8 @@ class DistributedModelForCausalLM:
             self._loop.stop()
             raise
         self._active: InferenceSession | None = None
+        # Steps of our sessions bound for the same server share a message (client/group.py).
+        self.step_groups = StepGroups(self.node, timeout)
         # Routing inputs: cached round trips to servers, and our own sessions on each server (live
         # ones, plus routes chosen but not opened yet) so concurrent sessions spread over replicas.
         self.rtts = RttCache(self.node)
@@ -275,7 +278,7 @@ class DistributedModelForCausalLM:
             remote = RemoteSession(
                 self.node, self.manifest.model_id, route, max_length, batch_size,
                 self.manifest.hidden_size, self.timeout, find_route=find_route, bans=self.banned,
-                wire_codec=self.wire_codec,
+                wire_codec=self.wire_codec, groups=self.step_groups,
             )
             self._live.append(remote)
             self._release(route)
@@ -451,7 +454,10 @@ class DistributedModelForCausalLM:
         if self._active is not None:
             self._active.close()
         try:
-            self._loop.run(self.node.shutdown(), timeout=15)
+            try:
+                self._loop.run(self.step_groups.close(), timeout=10)
+            finally:
+                self._loop.run(self.node.shutdown(), timeout=15)
         finally:
             self._loop.stop()
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from swarmshard.client.group import GroupChannel, GroupFailed, StepGroups
 from swarmshard.core.routing import NoRoute, RouteHop
 from swarmshard.transport.codecs import encode_tensor
 from swarmshard.transport.p2p import RpcStream, SwarmNode
@@ -60,8 +61,10 @@ class HopSession:
     """One server's part of a session: an open stream and the KV cache it holds for us."""
 
     def __init__(self, node: SwarmNode, hop: RouteHop, session_id: str, model_id: str, max_length: int,
-                 batch_size: int, timeout: float, wire_codec: str = "none") -> None:
+                 batch_size: int, timeout: float, wire_codec: str = "none", groups: StepGroups | None = None) -> None:
         self.node = node
+        self.groups = groups  # steps go through the server's group channel while we have company there
+        self._channel: GroupChannel | None = None
         self.wire_codec = wire_codec  # of the hidden states we send, and of the replies we ask for
         self.hop = hop
         self.session_id = session_id
@@ -83,6 +86,9 @@ class HopSession:
             )
             reply = await asyncio.wait_for(self._stream.send(Message(meta=request.model_dump())), self.timeout)
             _check_reply(self.hop.peer_id, reply, want_tensor=False)
+            if self.groups is not None:
+                self._channel = self.groups.channel(self.hop.peer_id)
+                self._channel.members += 1
         except RemoteError:
             raise
         except Exception as exc:  # timeouts, refused or dropped connections
@@ -93,8 +99,14 @@ class HopSession:
         begin = time.perf_counter()
         meta = Step(step=self._step, position=position).model_dump()
         wire = encode_tensor(hidden, self.wire_codec)  # a WireError here is ours, not the server's
+        channel = self._channel
         try:
-            reply = await asyncio.wait_for(self._stream.send(Message(meta=meta, tensors=[wire])), self.timeout)
+            if channel is not None and channel.members > 1:
+                reply = await channel.step(self.session_id, self._step, position, wire)
+            else:
+                reply = await asyncio.wait_for(self._stream.send(Message(meta=meta, tensors=[wire])), self.timeout)
+        except GroupFailed as exc:
+            raise RemoteError(self.hop.peer_id, str(exc)) from None
         except asyncio.TimeoutError:
             raise RemoteError(self.hop.peer_id, f"no answer within {self.timeout:.1f}s") from None
         except Exception as exc:  # dropped connection, daemon error
@@ -111,6 +123,9 @@ class HopSession:
 
     async def close(self) -> None:
         stream, self._stream = self._stream, None
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.leave(self.session_id)
         if stream is not None:
             await stream.close()
 
@@ -175,8 +190,10 @@ class RemoteSession:
         bans: BanList | None = None,
         max_failovers: int = 8,
         wire_codec: str = "none",
+        groups: StepGroups | None = None,
     ) -> None:
         self.node = node
+        self.groups = groups
         self.wire_codec = wire_codec
         self.model_id = model_id
         self.max_length = max_length
@@ -196,7 +213,7 @@ class RemoteSession:
 
     def _hop(self, hop: RouteHop) -> HopSession:
         return HopSession(self.node, hop, self.session_id, self.model_id, self.max_length, self.batch_size,
-                          self.timeout, self.wire_codec)
+                          self.timeout, self.wire_codec, self.groups)
 
     @property
     def route(self) -> list[RouteHop]:

@@ -31,6 +31,7 @@ class Candidate:
     cache_tokens_left: int
     rtt_s: float = 0.001
     load: float = 0.0
+    machine: str = ""  # the machine it runs on, as announced ("": unknown, assumed a machine of its own)
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,17 @@ def route_cost(
     return total
 
 
+def _same_machines(route: Sequence[RouteHop], other: Sequence[RouteHop], by_peer: Mapping[str, Candidate]) -> bool:
+    """Whether two routes cut the blocks alike and compute each hop on the same (announced) machine."""
+    if [(h.start, h.end) for h in route] != [(h.start, h.end) for h in other]:
+        return False
+    for mine, theirs in zip(route, other):
+        a, b = by_peer.get(mine.peer_id), by_peer.get(theirs.peer_id)
+        if a is None or b is None or not a.machine or a.machine != b.machine:
+            return False
+    return True
+
+
 def prefer_shared_route(
     best: Sequence[RouteHop],
     known: Sequence[Sequence[RouteHop]],
@@ -166,20 +178,34 @@ def prefer_shared_route(
     affinity: float = ROUTE_AFFINITY,
 ) -> list[RouteHop]:
     """``best``, or the cheapest of the ``known`` routes (those covering the same blocks) if it
-    costs at most ``1 + affinity`` times as much: concurrent sessions then share few routes."""
+    costs at most ``1 + affinity`` times as much: concurrent sessions then share few routes.
+
+    A known route is also taken, whatever its load, when ``best`` computes every hop on the machine
+    the known route computes that hop on, and is not faster idle by more than ``affinity``: servers
+    on one machine share its cores, so spreading sessions over them adds no compute, while stepping
+    together on one route lets each server stack more sessions into one pass.
+    """
     best = list(best)
     best_cost = route_cost(best, candidates, need_tokens, banned, load_penalty)
     if best_cost is None or not best:
         return best
     if any(list(route) == best for route in known):
         return best
+    by_peer = {c.peer_id: c for c in candidates}
+    best_idle = route_cost(best, candidates, need_tokens, banned, 0.0)
     first, last = best[0].start, best[-1].end
     choice, choice_cost = best, math.inf
     for route in known:
         if not route or route[0].start != first or route[-1].end != last:
             continue
         cost = route_cost(route, candidates, need_tokens, banned, load_penalty)
-        if cost is not None and cost <= (1.0 + affinity) * best_cost and cost < choice_cost:
+        if cost is None or cost >= choice_cost:
+            continue
+        colocated = (
+            _same_machines(best, route, by_peer)
+            and route_cost(route, candidates, need_tokens, banned, 0.0) <= (1.0 + affinity) * best_idle
+        )
+        if colocated or cost <= (1.0 + affinity) * best_cost:
             choice, choice_cost = list(route), cost
     return choice
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import random
 import signal
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +21,8 @@ from swarmshard.core.placement import NodeProfile, Span
 from swarmshard.core.store import ModelStore
 from swarmshard.server import autoplace
 from swarmshard.server.batching import StepBatcher
-from swarmshard.server.cache import CacheFull, SessionCache, UnknownSession
+from swarmshard.core.shard import Shard
+from swarmshard.server.cache import CacheFull, Session, SessionCache, UnknownSession
 from swarmshard.server.shard import BadRequest, SpanBackend
 from swarmshard.server.stage import StageBackend
 from swarmshard.transport.codecs import accepted_codecs, encode_tensor
@@ -27,9 +30,13 @@ from swarmshard.transport.p2p import SwarmNode
 from swarmshard.transport.rtt import RttCache
 from swarmshard.transport.schemas import (
     FORWARD_RPC,
+    GROUP_RPC,
     INFERENCE_RPC,
     MAX_RTT_PEERS,
     Forward,
+    GroupReply,
+    GroupStep,
+    SessionStep,
     Message,
     OpenSession,
     Reply,
@@ -73,6 +80,25 @@ class ServerSettings:
     rebalance_period: float = 120.0  # mean seconds between move checks (auto only; 0: never move)
     move_threshold: float = 1.15  # move only if the swarm's bottleneck grows more than this factor
     rtt_period: float = 60.0  # seconds between pings of other servers of the model (0: never)
+    machine: str | None = None  # machine identity announced for routing (None: machine_fingerprint())
+
+
+def machine_fingerprint() -> str:
+    """A stable, anonymous id of this machine: servers announcing the same one share its cores.
+
+    From the OS's machine id (or, failing that, the host name), hashed so it reveals nothing.
+    """
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path) as file:
+                raw = file.read().strip()
+        except OSError:
+            continue
+        if raw:
+            break
+    else:
+        raw = socket.gethostname()
+    return hashlib.sha256(f"swarmshard-machine:{raw}".encode()).hexdigest()[:16]
 
 
 AUTO_MEMORY_FRACTION = 0.8  # of psutil's available memory, when --memory-gb is not given
@@ -92,6 +118,28 @@ def memory_budget(memory_gb: float | None) -> int:
 
 def _error(text: str) -> Message:
     return Message(meta=Reply(ok=False, error=text).model_dump(exclude_none=True))
+
+
+# Refusals whose text goes back as is; anything else is reported as an internal error.
+_REFUSALS = (WireError, BadRequest, CacheFull, UnknownSession)
+
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, _REFUSALS) else f"internal error: {type(exc).__name__}: {exc}"
+
+
+@dataclass
+class _OpenStream:
+    """What an inference stream opened: its session, and the span state it was opened on (after a
+    move the session's steps are refused, so its client fails over and replays elsewhere)."""
+
+    session: Session
+    sessions: SessionCache
+    batcher: StepBatcher
+    shard: Shard
+    reply_codec: str
+    peer: str
+    busy: bool = False  # a step is in the batcher: one at a time, whichever message it came in
 
 
 class ShardServer:
@@ -120,10 +168,13 @@ class ShardServer:
         self.throughput, self.block_speed = self._rates(self.measured_throughput)
         self.memory_bytes = memory_budget(settings.memory_gb) if self.stage is None else 0  # announced
         self.rtt: dict[str, float] = {}  # peer id -> seconds, announced
+        self.machine = settings.machine or machine_fingerprint()
         self.placement: autoplace.Placement | None = None
         self.moves = 0
         self.on_event: Callable[[str, dict], None] | None = None  # placement and move log (serve() prints it)
         self._busy: Counter[StepBatcher] = Counter()  # steps in flight per batcher, to retire an old span
+        self._streams: dict[str, _OpenStream] = {}  # session id -> its open inference stream
+        self.group_messages = 0  # GroupStep messages answered (reports, tests)
         self._move_lock = asyncio.Lock()  # one placement decision or move at a time
         self._tasks: list[asyncio.Task] = []
         self.node: SwarmNode | None = None
@@ -293,6 +344,7 @@ class ShardServer:
                 await self._place()
             await self.node.add_stream_handler(INFERENCE_RPC, self._inference)
             await self.node.add_stream_handler(FORWARD_RPC, self._forward)
+            await self.node.add_stream_handler(GROUP_RPC, self._group)
             await self.node.add_ping_handler()
             if self.batcher is not None:
                 self.batcher.start()
@@ -346,6 +398,7 @@ class ShardServer:
             sessions=len(self.sessions),
             rtt=dict(list(self.rtt.items())[:MAX_RTT_PEERS]),
             auto=self.settings.auto,
+            machine=self.machine,
         )
 
     async def _announce(self) -> None:
@@ -383,12 +436,11 @@ class ShardServer:
             raise BadRequest(f"this server serves blocks {shard.start}:{shard.end}, not {start}:{end}")
 
     async def _inference(self, messages: AsyncIterator[Message], peer: str) -> AsyncIterator[Message]:
-        """One stream = one session: ``open`` first, then ``step`` messages; freed when the stream ends."""
-        session = None
-        reply_codec = self.settings.wire_codec
-        # The span a session was opened on: after a move (rebalancing) it is no longer served, and
-        # the session's steps get a 'moved' error so the client fails over and replays elsewhere.
-        sessions, batcher, shard = self.sessions, self.batcher, self.backend.shard
+        """One stream = one session: ``open`` first, then ``step`` messages; freed when the stream ends.
+
+        The session's steps may also come in `GroupStep` messages (``_group``) while the stream is open.
+        """
+        opened: _OpenStream | None = None
         try:
             async for message in messages:
                 try:
@@ -397,45 +449,94 @@ class ShardServer:
                     if self.sessions is None:
                         raise BadRequest(f"{self.backend.shard} is a stateless graph stage: "
                                          "it answers stage forwards, not inference sessions")
-                    if session is None:
+                    if opened is None:
                         request = parse_meta(OpenSession, message.meta)
                         sessions, batcher, shard = self.sessions, self.batcher, self.backend.shard
                         self._check_span(request.model_id, request.start, request.end)
                         reply_codec = self._reply_codec(request.reply_codec)
                         session = sessions.open(request.session_id, request.max_length, request.batch_size, peer)
+                        opened = _OpenStream(session, sessions, batcher, shard, reply_codec, peer)
+                        self._streams[session.session_id] = opened
                         yield Message(meta=Reply(ok=True, cache_tokens_left=sessions.tokens_left).model_dump())
                         continue
-                    if sessions is not self.sessions:
-                        now = self.backend.shard
-                        raise BadRequest(f"this server moved from blocks {shard.start}:{shard.end} to "
-                                         f"{now.start}:{now.end} (rebalancing): route blocks "
-                                         f"{shard.start}:{shard.end} through another server")
                     step = parse_meta(Step, message.meta)
                     if len(message.tensors) != 1:
                         raise BadRequest(f"a step carries exactly one tensor, got {len(message.tensors)}")
-                    session = sessions.get(session.session_id)
-                    hidden = message.tensors[0]
-                    self.backend.check_hidden(hidden, session.batch_size)
-                    if step.position + hidden.shape[1] > session.max_length:
-                        raise BadRequest(
-                            f"positions up to {step.position + hidden.shape[1]} exceed the session's "
-                            f"max_length {session.max_length}"
-                        )
-                    self._busy[batcher] += 1
-                    try:
-                        out = await batcher.submit(hidden, step.position, session.cache)
-                    finally:
-                        self._busy[batcher] -= 1
-                    session.position = step.position + hidden.shape[1]
-                    wire = self._encode(out, reply_codec)
+                    wire = await self._step(opened, step, message.tensors[0])
                     yield Message(meta=Reply(ok=True, step=step.step).model_dump(exclude_none=True), tensors=[wire])
-                except (WireError, BadRequest, CacheFull, UnknownSession) as exc:
-                    yield _error(str(exc))
-                except Exception as exc:  # a bug must not take the server down
-                    yield _error(f"internal error: {type(exc).__name__}: {exc}")
+                except Exception as exc:  # refusals, and bugs: neither may take the server down
+                    yield _error(_error_text(exc))
         finally:
-            if session is not None:
-                sessions.close(session.session_id)
+            if opened is not None:
+                session_id = opened.session.session_id
+                opened.sessions.close(session_id)
+                if self._streams.get(session_id) is opened:
+                    del self._streams[session_id]
+
+    async def _step(self, opened: _OpenStream, step: Step, hidden: torch.Tensor) -> WireTensor:
+        """Run one validated step of an open session through its batcher; the encoded output."""
+        shard = opened.shard
+        if opened.sessions is not self.sessions:
+            now = self.backend.shard
+            raise BadRequest(f"this server moved from blocks {shard.start}:{shard.end} to "
+                             f"{now.start}:{now.end} (rebalancing): route blocks "
+                             f"{shard.start}:{shard.end} through another server")
+        session = opened.sessions.get(opened.session.session_id)
+        self.backend.check_hidden(hidden, session.batch_size)
+        if step.position + hidden.shape[1] > session.max_length:
+            raise BadRequest(
+                f"positions up to {step.position + hidden.shape[1]} exceed the session's "
+                f"max_length {session.max_length}"
+            )
+        if opened.busy:
+            raise BadRequest(f"session {session.session_id} already has a step in flight")
+        opened.busy = True
+        self._busy[opened.batcher] += 1
+        try:
+            out = await opened.batcher.submit(hidden, step.position, session.cache)
+        finally:
+            self._busy[opened.batcher] -= 1
+            opened.busy = False
+        session.position = step.position + hidden.shape[1]
+        return self._encode(out, opened.reply_codec)
+
+    async def _group(self, messages: AsyncIterator[Message], peer: str) -> AsyncIterator[Message]:
+        """Steps of several of one peer's open sessions per message, answered by one message.
+
+        A client stepping many sessions at once saves a message per session and server (CPU in
+        both daemons, here and in the client), and the steps reach the batcher together.
+        """
+        async for message in messages:
+            try:
+                if "__wire_error__" in message.meta:
+                    raise WireError(message.meta["__wire_error__"])
+                request = parse_meta(GroupStep, message.meta)
+                if len(message.tensors) != len(request.steps):
+                    raise BadRequest(f"a group of {len(request.steps)} steps carries {len(message.tensors)} tensors")
+                ids = [entry.session_id for entry in request.steps]
+                if len(set(ids)) != len(ids):
+                    raise BadRequest("a group names the same session more than once")
+                outcomes = await asyncio.gather(
+                    *(self._group_entry(entry, hidden, peer) for entry, hidden in zip(request.steps, message.tensors)),
+                    return_exceptions=True,
+                )
+                results, wires = [], []
+                for entry, outcome in zip(request.steps, outcomes):
+                    if isinstance(outcome, BaseException):
+                        results.append(Reply(ok=False, error=_error_text(outcome)))
+                    else:
+                        results.append(Reply(ok=True, step=entry.step))
+                        wires.append(outcome)
+                self.group_messages += 1
+                yield Message(meta=GroupReply(ok=True, results=results).model_dump(exclude_none=True), tensors=wires)
+            except Exception as exc:
+                yield _error(_error_text(exc))
+
+    async def _group_entry(self, entry: SessionStep, hidden: torch.Tensor, peer: str) -> WireTensor:
+        opened = self._streams.get(entry.session_id)
+        if opened is None or opened.peer != peer:  # another peer's session is as unknown as a closed one
+            raise UnknownSession(f"unknown session {entry.session_id} (never opened, closed, or expired)")
+        return await self._step(opened, Step(step=entry.step, position=entry.position), hidden)
 
     async def _forward(self, messages: AsyncIterator[Message], peer: str) -> AsyncIterator[Message]:
         """Stateless forwards: each message is answered on its own, nothing is cached."""

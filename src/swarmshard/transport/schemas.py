@@ -18,6 +18,8 @@ PROTOCOL_VERSION = 1
 INFERENCE_RPC = "swarmshard.inference"  # stream: open a session, then steps
 FORWARD_RPC = "swarmshard.forward"  # stream: stateless forwards
 PING_RPC = "swarmshard.ping"  # unary, empty: round-trip time measurement
+GROUP_RPC = "swarmshard.group"  # stream: steps of several sessions (opened by INFERENCE_RPC) at once
+MAX_GROUP_STEPS = 256  # steps one group message may carry
 MAX_RTT_PEERS = 16  # peers a server pings and announces round trips to
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
 MAX_TENSOR_DIMS = 4
@@ -70,6 +72,21 @@ class Step(_Strict):
     kind: str = Field("step", pattern="^step$")
     step: int = Field(ge=0)
     position: int = Field(ge=0)
+
+
+class SessionStep(_Strict):
+    """One session's step inside a `GroupStep`: the session is one the sender opened on this server."""
+
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+    step: int = Field(ge=0)
+    position: int = Field(ge=0)
+
+
+class GroupStep(_Strict):
+    """Steps of several sessions in one message; its tensors are their hidden states, in order."""
+
+    kind: str = Field("group_step", pattern="^group_step$")
+    steps: list[SessionStep] = Field(min_length=1, max_length=MAX_GROUP_STEPS)
 
 
 class Forward(_Strict):
@@ -141,6 +158,17 @@ class Reply(_Strict):
     values: list[StageValue] | None = Field(None, max_length=MAX_STAGE_VALUES)  # stage forward outputs
 
 
+class GroupReply(_Strict):
+    """Answer to a `GroupStep`: one `Reply` per step, in order; each ok one takes the next tensor.
+
+    ``ok`` false (with ``error``) refuses the whole message, e.g. when it is malformed.
+    """
+
+    ok: bool
+    error: str | None = None
+    results: list[Reply] = Field(default_factory=list, max_length=MAX_GROUP_STEPS)
+
+
 class ServerRecord(_Strict):
     """What a server announces in the DHT (an expiring record, refreshed periodically).
 
@@ -173,6 +201,7 @@ class ServerRecord(_Strict):
     sessions: int = Field(0, ge=0)
     rtt: dict[str, Annotated[float, Field(ge=0.0)]] = Field(default_factory=dict, max_length=MAX_RTT_PEERS)
     auto: bool = False  # --blocks auto: it chose its span and may move to another one
+    machine: str = Field("", max_length=64)  # servers announcing one machine share its cores ("": unknown)
 
 
 @dataclass
