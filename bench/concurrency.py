@@ -5,7 +5,10 @@ Prints JSON lines, all from one run on one swarm (3 spans × 2 replicas of the d
   {"name": "server_rss_mb", "sessions_opened": 0|250|500, "value": ..., ...}
   {"name": "recovery_s", "value": ..., "unit": "s", ...}   (a serving process SIGKILLed mid-generation)
 
-    python bench/concurrency.py [--new-tokens 32] [--repeats 2] [--server-threads 1]
+    python bench/concurrency.py [--new-tokens 32] [--repeats 3] [--server-threads 1]
+
+Every repeat runs 1, 4 and 16 sessions back to back; ``value`` is the median over repeats and
+``ratio_vs_1`` the median of the repeats' ratios to one session (machine noise hits both sides).
 
 The six servers share this machine's cores and, with many sessions, compute at the same time; by
 default each runs with ``--threads 1`` (README: servers sharing a machine). ``--server-threads 0``
@@ -62,7 +65,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sessions", default="1,4,16")
     parser.add_argument("--churn", type=int, default=500, help="sessions opened and closed for the RSS check")
     parser.add_argument("--server-threads", type=int, default=1, help="serve --threads for every server (0: default)")
@@ -78,13 +81,21 @@ def main() -> int:
             wait_for_route(client)
             tok = client.tokenizer
             prompts = [torch.tensor([tok(f"Here is a long story about {t}:")["input_ids"]]) for t in TOPICS]
-            base = None
-            for n in [int(x) for x in args.sessions.split(",")]:
-                runs = [aggregate(client, prompts[:n], args.new_tokens)[0] for _ in range(args.repeats + 1)][1:]
-                value = statistics.median(runs)
-                base = value if base is None else base
-                emit(name="aggregate_tokens_per_s", sessions=n, value=round(value, 2), unit="tok/s",
-                     ratio_vs_1=round(value / base, 2), runs=[round(r, 2) for r in runs],
+            counts = [int(x) for x in args.sessions.split(",")]
+            for n in counts:  # warm-up: every session count once
+                aggregate(client, prompts[:n], args.new_tokens)
+            # Rounds over all session counts, interleaved, so each round's ratios see one machine
+            # load; ratio_vs_1 is the median of the per-round ratios (as bench/generate.py pairs runs).
+            runs: dict[int, list[float]] = {n: [] for n in counts}
+            for _ in range(args.repeats):
+                for n in counts:
+                    runs[n].append(aggregate(client, prompts[:n], args.new_tokens)[0])
+            base = runs[counts[0]]
+            for n in counts:
+                ratios = [r / b for r, b in zip(runs[n], base)]
+                emit(name="aggregate_tokens_per_s", sessions=n, value=round(statistics.median(runs[n]), 2),
+                     unit="tok/s", ratio_vs_1=round(statistics.median(ratios), 2),
+                     runs=[round(r, 2) for r in runs[n]], ratios=[round(r, 2) for r in ratios],
                      server_threads=args.server_threads or torch.get_num_threads())
 
             route_pids = [n.pid for n in swarm.servers if n.peer_id in {h.peer_id for h in client.last_route}]
