@@ -76,13 +76,19 @@ def test_steps_queued_together_share_a_message_and_answers_split_back():
     async def go():
         node = EchoNode()
         channel = GroupChannel(node, "peer", timeout=5)
+        channel.members = 5
         outs = await asyncio.gather(*(_session(channel, f"session-{i:03d}", 3, 0, 0.01) for i in range(5)))
-        return node, channel, outs
+        stream = channel._idle[0]
+        for i in range(5):
+            channel.leave(f"session-{i:03d}")
+        await asyncio.sleep(0.01)
+        return node, channel, outs, stream
 
-    node, channel, outs = asyncio.run(go())
+    node, channel, outs, stream = asyncio.run(go())
     assert outs == [[2.0, 4.0, 6.0]] * 5
     assert [len(m) for m in node.log] == [5, 5, 5]
     assert (channel.messages, channel.steps, node.opened) == (3, 15, 1)  # one stream, reused
+    assert channel.members == 0 and stream.closed and not channel._idle  # the last to leave closes it
 
 
 def test_a_flush_waits_for_sessions_due_but_not_for_long(monkeypatch):

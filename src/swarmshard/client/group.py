@@ -110,9 +110,14 @@ class GroupChannel:
         task.add_done_callback(self._tasks.discard)
 
     def leave(self, session_id: str) -> None:
-        """A session closed its hop here: no longer a member, nor waited for."""
+        """A session closed its hop here: no longer a member, nor waited for. The last one to
+        leave closes the idle group streams (each holds a stream in both daemons)."""
         self.members -= 1
         self._rhythm.pop(session_id, None)
+        if self.members <= 0:
+            idle, self._idle = self._idle, []
+            for stream in idle:
+                self._discard(stream)
 
     def _due(self, deadline: float) -> bool:
         """Whether a session not queued yet is due by ``deadline``: its usual rhythm, with a quarter
