@@ -113,6 +113,26 @@ def test_session_decoding_with_kv_cache_tracks_float32(b8_client, smol_local):
     assert out.shape[1] == ids.shape[1] + 6 and out[0, : ids.shape[1]].tolist() == ids[0].tolist()
 
 
+def test_concurrent_sessions_group_their_compressed_steps(b8_client):
+    """Sessions stepping together send one message per server (client/group.py) whose hidden
+    states travel in blockwise8 both ways; every answer is checked for the codec asked for."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [chat_input_ids(b8_client.tokenizer, q) for q in ("Name a river.", "Name a bird.", "Name a tree.")]
+    channels = b8_client.step_groups.channels
+    before = sum(c.steps for c in channels.values())
+    bytes_before = b8_client.node.bytes_sent
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        outs = list(pool.map(lambda ids: b8_client.generate(ids, max_new_tokens=6, eos_token_id=[]), prompts))
+    for ids, out in zip(prompts, outs):
+        assert out.shape[1] == ids.shape[1] + 6 and out[0, : ids.shape[1]].tolist() == ids[0].tolist()
+    grouped = sum(c.steps for c in channels.values()) - before
+    assert grouped >= len(prompts) * 5 * len(SPANS) // 2  # most decode steps went grouped
+    sent = b8_client.node.bytes_sent - bytes_before
+    float32 = sum(ids.shape[1] + 5 for ids in prompts) * len(SPANS) * 576 * 4  # every state sent, in float32
+    assert sent < 0.4 * float32, (sent, float32)  # blockwise8 is ~0.27x, with message overhead
+
+
 def test_status_table_shows_weights_and_wire(int8_swarm, store_home, b8_client):
     assert {(r.quant, r.wire_codec) for r in b8_client.servers()} == {("int8", "blockwise8")}
     cmd = [sys.executable, "-m", "swarmshard.cli", "status", "--home", store_home]
