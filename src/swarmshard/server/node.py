@@ -18,10 +18,10 @@ import torch
 
 from swarmshard import __version__
 from swarmshard.core.placement import NodeProfile, Span
+from swarmshard.core.shard import Shard
 from swarmshard.core.store import ModelStore
 from swarmshard.server import autoplace
 from swarmshard.server.batching import StepBatcher
-from swarmshard.core.shard import Shard
 from swarmshard.server.cache import CacheFull, Session, SessionCache, UnknownSession
 from swarmshard.server.shard import BadRequest, SpanBackend
 from swarmshard.server.stage import StageBackend
@@ -36,11 +36,11 @@ from swarmshard.transport.schemas import (
     Forward,
     GroupReply,
     GroupStep,
-    SessionStep,
     Message,
     OpenSession,
     Reply,
     ServerRecord,
+    SessionStep,
     StageForward,
     Step,
     TensorLimits,
