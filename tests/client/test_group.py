@@ -143,3 +143,20 @@ def test_a_malformed_group_answer_fails_the_whole_message():
         channel._split(Message(meta={"ok": "maybe", "extra": 1}), 1)
     with pytest.raises(GroupFailed, match="server busy"):
         channel._split(Message(meta={"ok": False, "error": "server busy"}), 1)
+
+
+def test_only_servers_announcing_group_steps_get_a_channel():
+    """A server of an older version (no ``group_steps`` in its record) keeps every session on its
+    own stream: a group stream to it would fail, and that must not look like a dead server."""
+    from swarmshard.client.group import StepGroups
+    from swarmshard.transport.schemas import ServerRecord
+
+    def record(peer: str, **extra) -> ServerRecord:
+        return ServerRecord(peer_id=peer, model_id="m", start=0, end=2, n_blocks=2, block_digests=["a", "b"],
+                            throughput=1.0, cache_tokens_left=1, cache_tokens_total=1, **extra)
+
+    groups = StepGroups(EchoNode(), timeout=5)
+    groups.note([record("new-server", group_steps=True), record("old-server")])
+    assert groups.supported == {"new-server"}
+    groups.note([record("new-server")])  # it was replaced by an older version: no longer
+    assert groups.supported == set()

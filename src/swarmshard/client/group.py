@@ -220,12 +220,22 @@ class GroupChannel:
 
 
 class StepGroups:
-    """The client's group channels, one per server, created on first use."""
+    """The client's group channels, one per server, created on first use; only servers that
+    announced group steps get one (an older server keeps every session on its own stream)."""
 
     def __init__(self, node: SwarmNode, timeout: float) -> None:
         self.node = node
         self.timeout = timeout
         self.channels: dict[str, GroupChannel] = {}
+        self.supported: set[str] = set()
+
+    def note(self, records) -> None:
+        """Learn from fresh server records (`ServerRecord`) which servers answer group steps."""
+        for record in records:
+            if record.group_steps:
+                self.supported.add(record.peer_id)
+            else:
+                self.supported.discard(record.peer_id)
 
     def channel(self, peer_id: str) -> GroupChannel:
         if peer_id not in self.channels:

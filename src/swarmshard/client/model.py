@@ -216,6 +216,7 @@ class DistributedModelForCausalLM:
         for attempt in range(ROUTE_LOOKUPS):
             records = await self.node.fetch(self.manifest.model_id)
             trusted = trusted_records(records, self.manifest.block_digests)
+            self.step_groups.note(trusted)
             usable = codec_records(trusted, self.wire_codec)
             rtts = await self.rtts.measure([r for r in usable if r.peer_id not in banned])
             candidates = candidates_from_records(usable, rtts, self._local_load())

@@ -86,7 +86,7 @@ class HopSession:
             )
             reply = await asyncio.wait_for(self._stream.send(Message(meta=request.model_dump())), self.timeout)
             _check_reply(self.hop.peer_id, reply, want_tensor=False)
-            if self.groups is not None:
+            if self.groups is not None and self.hop.peer_id in self.groups.supported:
                 self._channel = self.groups.channel(self.hop.peer_id)
                 self._channel.members += 1
         except RemoteError:

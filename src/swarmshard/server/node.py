@@ -399,6 +399,7 @@ class ShardServer:
             rtt=dict(list(self.rtt.items())[:MAX_RTT_PEERS]),
             auto=self.settings.auto,
             machine=self.machine,
+            group_steps=True,
         )
 
     async def _announce(self) -> None:

@@ -202,6 +202,7 @@ class ServerRecord(_Strict):
     rtt: dict[str, Annotated[float, Field(ge=0.0)]] = Field(default_factory=dict, max_length=MAX_RTT_PEERS)
     auto: bool = False  # --blocks auto: it chose its span and may move to another one
     machine: str = Field("", max_length=64)  # servers announcing one machine share its cores ("": unknown)
+    group_steps: bool = False  # answers GROUP_RPC (older servers: only per-session streams)
 
 
 @dataclass
