@@ -114,6 +114,22 @@ def test_a_flush_waits_for_sessions_due_but_not_for_long(monkeypatch):
     assert lingered <= 0.021 * len(log) + 0.01 and wall < 1.0
 
 
+def test_a_session_that_stopped_stepping_is_not_waited_for(monkeypatch):
+    """A member idle between turns (its session open, its user typing) must not hold back the
+    steps of a session still generating."""
+    monkeypatch.setattr(group, "MAX_LINGER_S", 0.05)
+
+    async def go():
+        channel = GroupChannel(EchoNode(), "peer", timeout=5)
+        await asyncio.gather(_session(channel, "session-idle1", 3, 0, 0.04), _session(channel, "session-busy1", 3, 0, 0.04))
+        await _session(channel, "session-busy1", 2, 0, 0.04)  # the other one has stopped: waited for once
+        before = channel.lingered_s
+        await _session(channel, "session-busy1", 5, 0, 0.04)  # over 1.5 periods since its last step
+        return channel.lingered_s - before
+
+    assert asyncio.run(go()) < 0.002
+
+
 def test_refused_entries_and_lost_connections_fail_only_what_they_concern():
     async def go():
         node = EchoNode()

@@ -119,21 +119,23 @@ class GroupChannel:
             for stream in idle:
                 self._discard(stream)
 
-    def _due(self, deadline: float) -> bool:
-        """Whether a session not queued yet is due by ``deadline``: its usual rhythm, with a quarter
-        period of slack for jitter, puts its next step there (a convoy on another phase is not)."""
+    def _due(self, now: float, deadline: float) -> bool:
+        """Whether a session not queued yet is due by ``deadline``: still stepping (its last step
+        is under 1.5 periods old; an idle session between turns is not), and its rhythm, with a
+        quarter period of slack for jitter, puts its next step there (another phase's is not)."""
         queued = {q.step.session_id for q in self._queued}
-        return any(r.period and sid not in queued and r.last + (1.0 - DUE_SLACK) * r.period <= deadline
+        return any(r.period and sid not in queued and now - r.last < 1.5 * r.period
+                   and r.last + (1.0 - DUE_SLACK) * r.period <= deadline
                    for sid, r in self._rhythm.items())
 
     async def _linger(self) -> None:
         loop = asyncio.get_running_loop()
-        periods = [r.period for r in self._rhythm.values() if r.period]
+        began = loop.time()
+        periods = [r.period for r in self._rhythm.values() if r.period and began - r.last < 1.5 * r.period]
         if not periods:
             return
-        began = loop.time()
         deadline = began + min(MAX_LINGER_S, LINGER_SHARE * min(periods))
-        while self._due(deadline) and len(self._queued) < MAX_GROUP_STEPS:
+        while self._due(loop.time(), deadline) and len(self._queued) < MAX_GROUP_STEPS:
             left = deadline - loop.time()
             if left <= 0:
                 break
