@@ -55,6 +55,10 @@ class _Rhythm:
     last: float  # when the session last queued a step here
     period: float = 0.0  # smoothed time between its steps here (0: not known yet)
 
+    def stepping(self, now: float) -> bool:
+        """Its rhythm is known and it is still stepping (not idle between turns)."""
+        return bool(self.period) and now - self.last < 1.5 * self.period
+
 
 @dataclass
 class _Queued:
@@ -124,14 +128,13 @@ class GroupChannel:
         is under 1.5 periods old; an idle session between turns is not), and its rhythm, with a
         quarter period of slack for jitter, puts its next step there (another phase's is not)."""
         queued = {q.step.session_id for q in self._queued}
-        return any(r.period and sid not in queued and now - r.last < 1.5 * r.period
-                   and r.last + (1.0 - DUE_SLACK) * r.period <= deadline
+        return any(sid not in queued and r.stepping(now) and r.last + (1.0 - DUE_SLACK) * r.period <= deadline
                    for sid, r in self._rhythm.items())
 
     async def _linger(self) -> None:
         loop = asyncio.get_running_loop()
         began = loop.time()
-        periods = [r.period for r in self._rhythm.values() if r.period and began - r.last < 1.5 * r.period]
+        periods = [r.period for r in self._rhythm.values() if r.stepping(began)]
         if not periods:
             return
         deadline = began + min(MAX_LINGER_S, LINGER_SHARE * min(periods))

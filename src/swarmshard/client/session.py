@@ -97,13 +97,13 @@ class HopSession:
     async def step(self, hidden: torch.Tensor, position: int, record: bool = True) -> torch.Tensor:
         assert self._stream is not None, "open() first"
         begin = time.perf_counter()
-        meta = Step(step=self._step, position=position).model_dump()
         wire = encode_tensor(hidden, self.wire_codec)  # a WireError here is ours, not the server's
         channel = self._channel
         try:
             if channel is not None and channel.members > 1:
                 reply = await channel.step(self.session_id, self._step, position, wire)
             else:
+                meta = Step(step=self._step, position=position).model_dump()
                 reply = await asyncio.wait_for(self._stream.send(Message(meta=meta, tensors=[wire])), self.timeout)
         except GroupFailed as exc:
             raise RemoteError(self.hop.peer_id, str(exc)) from None

@@ -557,10 +557,8 @@ class ShardServer:
                 out = await self._compute(message.tensors[0], 0, None)
                 wire = self._encode(out, reply_codec)
                 yield Message(meta=Reply(ok=True).model_dump(exclude_none=True), tensors=[wire])
-            except (WireError, BadRequest) as exc:
-                yield _error(str(exc))
-            except Exception as exc:
-                yield _error(f"internal error: {type(exc).__name__}: {exc}")
+            except Exception as exc:  # refusals, and bugs: neither may take the server down
+                yield _error(_error_text(exc))
 
 
     async def _stage_forward(self, message: Message) -> Message:
